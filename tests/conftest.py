@@ -1,0 +1,14 @@
+"Shared fixtures: one local Spark session for the whole test run (it takes ~10 s to start)."
+import os, sys
+import pytest
+
+os.environ.setdefault('PYSPARK_PYTHON', sys.executable)
+os.environ.setdefault('SPARK_LOCAL_IP', '127.0.0.1')
+
+
+@pytest.fixture(scope='session')
+def spark():
+    from dhs.spark import get_spark, SparkConfig
+    s = get_spark(SparkConfig(master='local[2]', app_name='dhs-tests', driver_memory='2g', shuffle_partitions=4))
+    yield s
+    s.stop()
