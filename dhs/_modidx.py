@@ -20,4 +20,12 @@ d = { 'settings': { 'branch': 'main',
                           'dhs.core.task_rng': ('core.html#task_rng', 'dhs/core.py'),
                           'dhs.core.task_seed': ('core.html#task_seed', 'dhs/core.py'),
                           'dhs.core.uri_join': ('core.html#uri_join', 'dhs/core.py'),
-                          'dhs.core.write_json': ('core.html#write_json', 'dhs/core.py')}}}
+                          'dhs.core.write_json': ('core.html#write_json', 'dhs/core.py')},
+            'dhs.survey': { 'dhs.survey._corner': ('survey.html#_corner', 'dhs/survey.py'),
+                            'dhs.survey._sign_char': ('survey.html#_sign_char', 'dhs/survey.py'),
+                            'dhs.survey.brick_coadd_relpaths': ('survey.html#brick_coadd_relpaths', 'dhs/survey.py'),
+                            'dhs.survey.brickname': ('survey.html#brickname', 'dhs/survey.py'),
+                            'dhs.survey.bricknames': ('survey.html#bricknames', 'dhs/survey.py'),
+                            'dhs.survey.coadd_relpath': ('survey.html#coadd_relpath', 'dhs/survey.py'),
+                            'dhs.survey.sweep_bounds_for': ('survey.html#sweep_bounds_for', 'dhs/survey.py'),
+                            'dhs.survey.sweep_relpath': ('survey.html#sweep_relpath', 'dhs/survey.py')}}}
