@@ -4,13 +4,22 @@
 
 # %% ../nbs/01_survey.ipynb 1
 from __future__ import annotations
-import math
+import gzip, io, math, os, warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 import numpy as np
+import pandas as pd
+import fitsio
+from astropy.io import fits
+from astropy.wcs import WCS
+from .core import atomic_path
 
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
-           'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'brickname', 'bricknames', 'coadd_relpath',
-           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for']
+           'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
+           'BRICK_COLUMNS', 'brickname', 'bricknames', 'coadd_relpath', 'brick_coadd_relpaths', 'sweep_relpath',
+           'sweep_bounds_for', 'SurveyFileError', 'check_fits_file', 'brick_row_ncols', 'make_bricks_table',
+           'write_bricks', 'read_fits_table', 'read_bricks', 'bricks_for_positions', 'brick_for_position']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -33,9 +42,11 @@ def brickname(ra:float, # brick centre right ascension [deg]
     return f'{int(ra*10):04d}{_sign_char(dec)}{int(abs(dec)*10):03d}'
 
 def bricknames(ra, dec)->np.ndarray:
-    "Vectorised `brickname` for arrays of brick centres [deg]."
+    "Vectorised `brickname` for arrays of brick centres [deg]; returns a '<U8' array."
     ra, dec = np.broadcast_arrays(np.asarray(ra, float), np.asarray(dec, float))
-    return np.array([brickname(a, d) for a, d in zip(ra.ravel(), dec.ravel())], dtype='U8').reshape(ra.shape)
+    ra10 = np.char.zfill((ra * 10).astype(np.int64).astype('U4'), 4)  # astype(int) truncates like int()
+    dec10 = np.char.zfill((np.abs(dec) * 10).astype(np.int64).astype('U3'), 3)
+    return np.char.add(np.char.add(ra10, np.where(dec < 0, 'm', 'p')), dec10).astype('U8')
 
 # %% ../nbs/01_survey.ipynb
 def coadd_relpath(brick:str,          # DR10 brick name, e.g. '2447p120'
@@ -69,3 +80,127 @@ def sweep_bounds_for(ra:float, dec:float)->tuple[int, int, int, int]:
     ramin = int(math.floor((ra % 360) / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG
     decmin = min(int(math.floor(dec / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG, 90 - SWEEP_BOX_DEG)
     return ramin, decmin, ramin + SWEEP_BOX_DEG, decmin + SWEEP_BOX_DEG
+
+# %% ../nbs/01_survey.ipynb
+class SurveyFileError(Exception):
+    "A survey file is missing, truncated, corrupt or lacks what was asked of it."
+
+REFETCH_HINT = 're-fetch it with `dhs cache` (phase 4b), or regenerate the mock sky'
+
+def _fits_end_bytes(path:Path)->int:
+    "Bytes a FITS file must hold according to its own headers (end of the last HDU's data, as cfitsio computes it)."
+    with fitsio.FITS(str(path)) as f: return max(hdu.get_offsets()['data_end'] for hdu in f)
+
+# %% ../nbs/01_survey.ipynb
+def check_fits_file(path:str|Path, # local FITS file (plain or tile-compressed; '.gz' is checked by decompressing)
+                   )->Path:
+    "Raise `SurveyFileError` naming `path` if it is missing, unreadable or shorter than its headers say."
+    path = Path(path)
+    if not path.is_file(): raise SurveyFileError(f'{path}: file is missing; {REFETCH_HINT}')
+    if path.stat().st_size == 0: raise SurveyFileError(f'{path}: file is empty (0 bytes); {REFETCH_HINT}')
+    try: need = _fits_end_bytes(path)
+    except Exception as e: raise SurveyFileError(f'{path}: not a readable FITS file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); {REFETCH_HINT}') from e
+    size = path.stat().st_size
+    if not path.name.endswith('.gz') and size < need:
+        raise SurveyFileError(f'{path}: file is truncated ({size} bytes, its headers need {need}); {REFETCH_HINT}')
+    return path
+
+# %% ../nbs/01_survey.ipynb
+BRICK_ROW_DEG = 0.25   # height of a brick row [deg]
+N_BRICK_ROWS = 721     # rows with centres at Dec = -90, -89.75, ..., +90
+
+def brick_row_ncols()->np.ndarray:
+    "Number of bricks in each of the 721 DR10 brick rows."
+    dec = -90 + BRICK_ROW_DEG * np.arange(N_BRICK_ROWS)
+    dec_near = np.minimum(np.abs(np.clip(dec - BRICK_ROW_DEG/2, -90, 90)), np.abs(np.clip(dec + BRICK_ROW_DEG/2, -90, 90)))
+    ncol = 2 * np.ceil(360 * np.cos(np.radians(dec_near)) / BRICK_ROW_DEG / 2).astype(np.int64)  # even, rounded up
+    ncol[np.abs(dec) == 90] = 1  # polar caps
+    return ncol
+
+# %% ../nbs/01_survey.ipynb
+BRICK_COLUMNS = [('BRICKNAME', 'S8'), ('BRICKID', '>i4'), ('BRICKROW', '>i4'), ('BRICKCOL', '>i4'), ('RA', '>f8'),
+                 ('DEC', '>f8'), ('RA1', '>f8'), ('RA2', '>f8'), ('DEC1', '>f8'), ('DEC2', '>f8')]  # DR10 names, FITS dtypes
+
+def make_bricks_table()->pd.DataFrame:
+    "The full DR10 brick grid (662,174 rows), BRICKID 1-based over rows then columns."
+    ncol = brick_row_ncols()
+    row = np.repeat(np.arange(N_BRICK_ROWS), ncol)
+    col = np.arange(ncol.sum()) - np.repeat(np.cumsum(ncol) - ncol, ncol)
+    width = 360.0 / ncol[row]
+    ra1, ra2 = col * width, (col + 1) * width
+    ra = np.where(ncol[row] == 1, 0.0, (ra1 + ra2) / 2)
+    dec = -90 + BRICK_ROW_DEG * row
+    dec1, dec2 = np.clip(dec - BRICK_ROW_DEG/2, -90, 90), np.clip(dec + BRICK_ROW_DEG/2, -90, 90)
+    return pd.DataFrame(dict(BRICKNAME=bricknames(ra, dec).astype(object), BRICKID=np.arange(1, len(row) + 1, dtype=np.int32),
+                             BRICKROW=row.astype(np.int32), BRICKCOL=col.astype(np.int32), RA=ra, DEC=dec,
+                             RA1=ra1, RA2=ra2, DEC1=dec1, DEC2=dec2))
+
+# %% ../nbs/01_survey.ipynb
+def _table_array(df:pd.DataFrame, columns:list[tuple[str, str]], where:str)->np.ndarray:
+    "Structured array with FITS dtypes `columns` from a DataFrame (names case-insensitive)."
+    upper = {c.upper(): c for c in df.columns}
+    missing = [n for n, _ in columns if n not in upper]
+    if missing: raise ValueError(f'{where}: missing column(s) {missing}; have {list(df.columns)}')
+    out = np.zeros(len(df), dtype=columns)
+    for name, dt in columns:
+        values = df[upper[name]].to_numpy()
+        out[name] = np.char.encode(values.astype(str), 'ascii') if dt.startswith('S') else values
+    return out
+
+def write_bricks(df:pd.DataFrame, # bricks table (as from `make_bricks_table`)
+                 path:str|Path,   # destination, normally `<base>/survey-bricks.fits.gz`
+                ):
+    "Write a bricks table as a gzip FITS binary table (HDU 1 'BRICKS'), atomically."
+    hdu = fits.BinTableHDU(_table_array(df, BRICK_COLUMNS, f'bricks table for {path}'), name='BRICKS')
+    buf = io.BytesIO(); fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    with atomic_path(path) as tmp: Path(tmp).write_bytes(gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))  # mtime=0: same bytes every run
+
+# %% ../nbs/01_survey.ipynb
+def _native(values:np.ndarray)->np.ndarray:
+    "Column in native byte order; byte strings decoded and stripped."
+    if values.dtype.kind == 'S': return np.char.strip(np.char.decode(values, 'ascii')).astype(object)
+    return values.astype(values.dtype.newbyteorder('='))
+
+def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, what:str='table')->pd.DataFrame:
+    "Read a FITS binary table into a native-endian DataFrame with upper-case names; `SurveyFileError` names the file on any problem."
+    path = check_fits_file(path)
+    try:
+        with fitsio.FITS(str(path)) as f:
+            have = {c.upper(): c for c in f[ext].get_colnames()}
+            want = [c.upper() for c in columns] if columns is not None else list(have)
+            missing = [c for c in want if c not in have]
+            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {list(have)}. Is this the right file?')
+            arr = f[ext].read(columns=[have[c] for c in want])
+    except SurveyFileError: raise
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read {what} from HDU {ext} ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    return pd.DataFrame({c: _native(arr[have[c]]) for c in want})
+
+def read_bricks(path:str|Path)->pd.DataFrame:
+    "Read `survey-bricks.fits.gz` (DR10 or mock) into a DataFrame with upper-case column names."
+    return read_fits_table(path, [n for n, _ in BRICK_COLUMNS], what='bricks table')
+
+# %% ../nbs/01_survey.ipynb
+def bricks_for_positions(bricks:pd.DataFrame, # bricks table (all of DR10 or a subset)
+                         ra, dec,            # positions [deg], arrays or scalars
+                         strict:bool=True,   # raise for positions outside every brick of the table (else '' there)
+                        )->np.ndarray:
+    "Vectorised brick names holding positions (ra, dec)."
+    ra, dec = np.broadcast_arrays(np.asarray(ra, float) % 360, np.asarray(dec, float))
+    order = np.lexsort((bricks.RA1.to_numpy(), bricks.DEC1.to_numpy()))
+    dec1, ra1 = bricks.DEC1.to_numpy()[order], bricks.RA1.to_numpy()[order]
+    row_dec1 = np.unique(dec1)                      # one entry per brick row of the table
+    row_of_brick = np.searchsorted(row_dec1, dec1)   # integer row index: keys below never mix rows
+    row_of_pos = np.clip(np.searchsorted(row_dec1, dec, 'right') - 1, 0, None)
+    i = order[np.clip(np.searchsorted(row_of_brick * 1000 + ra1, row_of_pos * 1000 + ra, 'right') - 1, 0, None)]
+    b = bricks.iloc[i]
+    inside = (b.DEC1.to_numpy() <= dec) & (dec <= b.DEC2.to_numpy()) & (b.RA1.to_numpy() <= ra) & (ra < b.RA2.to_numpy())
+    if strict and not inside.all():
+        k = np.flatnonzero(~inside)
+        raise ValueError(f'{len(k)} position(s) lie in no brick of this table, first (ra, dec) = ({ra.ravel()[k[0]]:.6f}, {dec.ravel()[k[0]]:.6f}) deg; '
+                         'use the full table (make_bricks_table / survey-bricks.fits.gz) or strict=False')
+    return np.where(inside, b.BRICKNAME.to_numpy().astype(str), '').reshape(ra.shape)
+
+def brick_for_position(bricks:pd.DataFrame, ra:float, dec:float)->pd.Series:
+    "The row of `bricks` (a Series) whose box holds (ra, dec) [deg]."
+    name = bricks_for_positions(bricks, [ra], [dec])[0]
+    return bricks.loc[bricks.BRICKNAME == name].iloc[0]
