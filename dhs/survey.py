@@ -12,14 +12,16 @@ import pandas as pd
 import fitsio
 from astropy.io import fits
 from astropy.wcs import WCS
-from .core import atomic_path
+from .core import atomic_path, task_seed
 
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
-           'BRICK_COLUMNS', 'brickname', 'bricknames', 'coadd_relpath', 'brick_coadd_relpaths', 'sweep_relpath',
-           'sweep_bounds_for', 'SurveyFileError', 'check_fits_file', 'brick_row_ncols', 'make_bricks_table',
-           'write_bricks', 'read_fits_table', 'read_bricks', 'bricks_for_positions', 'brick_for_position']
+           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_BUNIT',
+           'brickname', 'bricknames', 'coadd_relpath', 'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for',
+           'SurveyFileError', 'check_fits_file', 'brick_row_ncols', 'make_bricks_table', 'write_bricks',
+           'read_fits_table', 'read_bricks', 'bricks_for_positions', 'brick_for_position', 'maskbits_value',
+           'bad_pixel_mask', 'brick_wcs', 'write_coadd', 'read_coadd', 'write_brick_coadds']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -204,3 +206,131 @@ def brick_for_position(bricks:pd.DataFrame, ra:float, dec:float)->pd.Series:
     "The row of `bricks` (a Series) whose box holds (ra, dec) [deg]."
     name = bricks_for_positions(bricks, [ra], [dec])[0]
     return bricks.loc[bricks.BRICKNAME == name].iloc[0]
+
+# %% ../nbs/01_survey.ipynb
+MASKBITS = dict(NPRIMARY=0, BRIGHT=1, SATUR_G=2, SATUR_R=3, SATUR_Z=4, ALLMASK_G=5, ALLMASK_R=6, ALLMASK_Z=7,
+                WISEM1=8, WISEM2=9, BAILOUT=10, MEDIUM=11, GALAXY=12, CLUSTER=13, SATUR_I=14, ALLMASK_I=15,
+                SUB_BLOB=16)  # DR10 bit name -> bit number
+BAD_MASKBIT_NAMES = ('BRIGHT', 'SATUR_G', 'SATUR_R', 'SATUR_Z', 'SATUR_I', 'ALLMASK_G', 'ALLMASK_R', 'ALLMASK_Z',
+                     'ALLMASK_I', 'BAILOUT', 'MEDIUM')  # bits that make a pixel unusable (DESIGN.md)
+
+def maskbits_value(*names:str)->int:
+    "Integer with the named MASKBITS bits set."
+    unknown = [n for n in names if n not in MASKBITS]
+    if unknown: raise ValueError(f'unknown MASKBITS name(s) {unknown}; known: {list(MASKBITS)}')
+    return sum(1 << MASKBITS[n] for n in set(names))
+
+BAD_MASKBITS = maskbits_value(*BAD_MASKBIT_NAMES)
+
+def bad_pixel_mask(maskbits:np.ndarray,          # DR10 maskbits (..., N, N) int
+                   invvar:np.ndarray|None=None,  # inverse variance [1/nmgy^2], (N, N) or (nb, N, N); broadcast with maskbits
+                  )->np.ndarray:
+    "True where a pixel is masked: a bad MASKBITS bit set, or invvar <= 0 / not finite."
+    bad = (np.asarray(maskbits).astype(np.int64) & BAD_MASKBITS) != 0
+    if invvar is None: return bad
+    invvar = np.asarray(invvar)
+    return bad | ~(np.isfinite(invvar) & (invvar > 0))
+
+# %% ../nbs/01_survey.ipynb
+def brick_wcs(ra_center:float,         # brick centre RA [deg]
+              dec_center:float,        # brick centre Dec [deg]
+              npix:int=BRICK_PIXELS,   # brick side [pixels]
+             )->WCS:
+    "TAN WCS of a DR10-like coadd of side `npix` centred on (ra_center, dec_center)."
+    w = WCS(naxis=2)
+    w.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    w.wcs.crval = [ra_center, dec_center]
+    w.wcs.crpix = [(npix + 1) / 2, (npix + 1) / 2]
+    w.wcs.cd = [[-PIXSCALE_ARCSEC / 3600, 0.0], [0.0, PIXSCALE_ARCSEC / 3600]]
+    w.wcs.radesys, w.wcs.equinox = 'ICRS', 2000.0
+    w.pixel_shape = (npix, npix)
+    return w
+
+# %% ../nbs/01_survey.ipynb
+COADD_COMPRESSION = {  # fitsio tile-compression settings per coadd kind
+    'image':    dict(compress='RICE', qlevel=16, qmethod='SUBTRACTIVE_DITHER_2'),     # step = tile noise / 16
+    'invvar':   dict(compress='RICE', qlevel=16, qmethod='SUBTRACTIVE_DITHER_2'),     # zeros kept exact
+    'psfsize':  dict(compress='RICE', qlevel=-1e-4, qmethod='SUBTRACTIVE_DITHER_2'),  # absolute step 1e-4 arcsec
+    'maskbits': dict(compress='RICE'),                                                # int32, lossless
+}
+COADD_BUNIT = {'image': 'nanomaggy', 'invvar': '1/nanomaggy^2', 'psfsize': 'arcsec'}
+
+def _wcs_cards(wcs:WCS)->list[dict]:
+    "FITS cards (CD-matrix form, as DR10 writes them) of a celestial WCS."
+    cd, w = wcs.pixel_scale_matrix, wcs.wcs
+    cards = [('CTYPE1', w.ctype[0]), ('CTYPE2', w.ctype[1]), ('CRVAL1', float(w.crval[0])), ('CRVAL2', float(w.crval[1])),
+             ('CRPIX1', float(w.crpix[0])), ('CRPIX2', float(w.crpix[1])), ('CD1_1', float(cd[0, 0])), ('CD1_2', float(cd[0, 1])),
+             ('CD2_1', float(cd[1, 0])), ('CD2_2', float(cd[1, 1])), ('EQUINOX', 2000.0), ('RADESYS', 'ICRS')]
+    return [dict(name=k, value=v) for k, v in cards]
+
+# %% ../nbs/01_survey.ipynb
+def _brick_from_filename(path:Path)->str:
+    "Brick name from 'legacysurvey-<brick>-<kind>...'; ValueError if the name does not follow DR10."
+    parts = path.name.split('-')
+    if len(parts) >= 3 and parts[0] == 'legacysurvey' and len(parts[1]) == 8: return parts[1]
+    raise ValueError(f'{path}: cannot tell the brick from the file name; pass brick=')
+
+def _coadd_cards(kind:str, band:str|None, brick:str, bands)->list[dict]:
+    "DR10-like header cards of a coadd HDU (units, zero point, brick, bands)."
+    cards = [dict(name='BRICK', value=brick, comment='brick name'), dict(name='BRICKNAM', value=brick, comment='brick name'),
+             dict(name='PRODTYPE', value=kind, comment='coadd product'), dict(name='BANDS', value=''.join(bands), comment='bands of this brick')]
+    if band is not None: cards.append(dict(name='BAND', value=band, comment='band of this image'))
+    if kind in COADD_BUNIT: cards.append(dict(name='BUNIT', value=COADD_BUNIT[kind], comment='pixel unit'))
+    if kind == 'image': cards.append(dict(name='MAGZERO', value=AB_ZP, comment='AB mag = MAGZERO - 2.5 log10(pixel value)'))
+    return cards
+
+# %% ../nbs/01_survey.ipynb
+def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpath(...)>
+                data:np.ndarray,     # (ny, nx) pixels: float for image/invvar/psfsize, integer for maskbits
+                wcs:WCS,             # the brick's WCS (`brick_wcs`)
+                kind:str,            # 'image', 'invvar', 'psfsize' or 'maskbits'
+                band:str|None=None,  # band of a per-band kind; None for maskbits
+                brick:str|None=None, # brick name; None: taken from the DR10 file name
+                bands=BANDS,         # bands of the brick, written as BANDS
+               ):
+    "Write one DR10-like coadd file (empty primary HDU, tile-compressed HDU 1), atomically."
+    path = Path(path); brick = brick or _brick_from_filename(path)
+    coadd_relpath(brick, kind, band)  # validates kind and band
+    data = np.asarray(data)
+    if data.ndim != 2: raise ValueError(f'{path}: coadd data must be 2-D, got shape {data.shape}')
+    if kind == 'maskbits':
+        if data.dtype.kind not in 'iu' or data.min(initial=0) < 0 or data.max(initial=0) >= 2**31: raise ValueError(f'{path}: maskbits must be non-negative integers < 2**31, got {data.dtype}')
+        data = data.astype(np.int32)
+    else: data = data.astype(np.float32)
+    cards = _wcs_cards(wcs) + _coadd_cards(kind, band, brick, bands)
+    dither = 1 + task_seed(f'{brick}-{kind}-{band}') % 10000  # cfitsio accepts 1..10000
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
+        f.write(data, header=cards, dither_seed=dither, **COADD_COMPRESSION[kind])
+
+# %% ../nbs/01_survey.ipynb
+def read_coadd(path:str|Path)->tuple[np.ndarray, fits.Header]:
+    "Pixels (native-endian) and image header of a coadd file; `SurveyFileError` names a missing, truncated or corrupt file."
+    path = check_fits_file(path)
+    try:
+        with fitsio.FITS(str(path)) as f:
+            if len(f) < 2: raise SurveyFileError(f'{path}: expected the coadd image in HDU 1, file has only {len(f)} HDU; {REFETCH_HINT}')
+            data = f[1].read()
+        header = fits.getheader(path, 1)
+    except SurveyFileError: raise
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read coadd image ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    if data is None or data.ndim != 2: raise SurveyFileError(f'{path}: HDU 1 is not a 2-D image; {REFETCH_HINT}')
+    return data.astype(data.dtype.newbyteorder('=')), header
+
+# %% ../nbs/01_survey.ipynb
+def write_brick_coadds(base:str|Path,        # local root laid out like DR10 (`<base>/south/coadd/...`)
+                       brick:str,            # brick name
+                       wcs:WCS,              # the brick's WCS (`brick_wcs`)
+                       image:np.ndarray,     # (nb, P, P) [nanomaggies/pixel]
+                       invvar:np.ndarray,    # (nb, P, P) [1/nanomaggy^2]
+                       psfsize:np.ndarray,   # (nb, P, P) PSF FWHM map [arcsec]
+                       maskbits:np.ndarray,  # (P, P) DR10 MASKBITS
+                       bands=BANDS,          # band of each plane
+                      )->list[Path]:
+    "Write all coadd files of a brick under `base`; returns their paths."
+    out = []
+    for kind, cube in (('image', image), ('invvar', invvar), ('psfsize', psfsize)):
+        if len(cube) != len(bands): raise ValueError(f'brick {brick}: {kind} has {len(cube)} planes for bands {bands}')
+        for plane, band in zip(cube, bands):
+            out.append(Path(base)/coadd_relpath(brick, kind, band)); write_coadd(out[-1], plane, wcs, kind, band, brick, bands)
+    out.append(Path(base)/coadd_relpath(brick, 'maskbits')); write_coadd(out[-1], maskbits, wcs, 'maskbits', None, brick, bands)
+    return out
