@@ -18,10 +18,11 @@ from .core import atomic_path, task_seed
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
            'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_BUNIT',
-           'brickname', 'bricknames', 'coadd_relpath', 'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for',
-           'SurveyFileError', 'check_fits_file', 'brick_row_ncols', 'make_bricks_table', 'write_bricks',
-           'read_fits_table', 'read_bricks', 'bricks_for_positions', 'brick_for_position', 'maskbits_value',
-           'bad_pixel_mask', 'brick_wcs', 'write_coadd', 'read_coadd', 'write_brick_coadds']
+           'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
+           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
+           'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
+           'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
+           'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -138,6 +139,14 @@ def make_bricks_table()->pd.DataFrame:
                              RA1=ra1, RA2=ra2, DEC1=dec1, DEC2=dec2))
 
 # %% ../nbs/01_survey.ipynb
+def _ascii_column(values:np.ndarray, dt:str, name:str)->np.ndarray:
+    "Text column as fixed-width ASCII bytes of FITS type `dt` ('S8'); ValueError if a value would be cut."
+    if values.dtype.kind == 'O': values = np.array([v.decode('ascii') if isinstance(v, bytes) else str(v) for v in values], dtype=str)
+    out = values if values.dtype.kind == 'S' else np.char.encode(values.astype(str), 'ascii')
+    width = np.dtype(dt).itemsize
+    if len(out) and np.char.str_len(out).max() > width: raise ValueError(f'column {name}: values longer than {width} characters, e.g. {out[np.argmax(np.char.str_len(out))]!r}')
+    return out
+
 def _table_array(df:pd.DataFrame, columns:list[tuple[str, str]], where:str)->np.ndarray:
     "Structured array with FITS dtypes `columns` from a DataFrame (names case-insensitive)."
     upper = {c.upper(): c for c in df.columns}
@@ -146,7 +155,7 @@ def _table_array(df:pd.DataFrame, columns:list[tuple[str, str]], where:str)->np.
     out = np.zeros(len(df), dtype=columns)
     for name, dt in columns:
         values = df[upper[name]].to_numpy()
-        out[name] = np.char.encode(values.astype(str), 'ascii') if dt.startswith('S') else values
+        out[name] = _ascii_column(values, dt, name) if dt.startswith('S') else values
     return out
 
 def write_bricks(df:pd.DataFrame, # bricks table (as from `make_bricks_table`)
@@ -334,3 +343,53 @@ def write_brick_coadds(base:str|Path,        # local root laid out like DR10 (`<
             out.append(Path(base)/coadd_relpath(brick, kind, band)); write_coadd(out[-1], plane, wcs, kind, band, brick, bands)
     out.append(Path(base)/coadd_relpath(brick, 'maskbits')); write_coadd(out[-1], maskbits, wcs, 'maskbits', None, brick, bands)
     return out
+
+# %% ../nbs/01_survey.ipynb
+TRACTOR_TYPES = ('PSF', 'REX', 'DEV', 'EXP', 'SER', 'DUP')  # Tractor morphological types in TYPE
+_OPT, _ALL = ('G', 'R', 'I', 'Z'), ('G', 'R', 'I', 'Z', 'W1', 'W2', 'W3', 'W4')
+SWEEP_COLUMNS = ([('RELEASE', '>i2'), ('BRICKID', '>i4'), ('BRICKNAME', 'S8'), ('OBJID', '>i4'), ('TYPE', 'S3'),
+                  ('RA', '>f8'), ('DEC', '>f8'), ('EBV', '>f4')]
+                 + [(f'FLUX_{b}', '>f4') for b in _ALL] + [(f'FLUX_IVAR_{b}', '>f4') for b in _ALL]
+                 + [(f'MW_TRANSMISSION_{b}', '>f4') for b in _ALL] + [(f'NOBS_{b}', '>i2') for b in _OPT]
+                 + [(f'PSFSIZE_{b}', '>f4') for b in _OPT] + [(f'PSFDEPTH_{b}', '>f4') for b in _OPT + ('W1', 'W2')]
+                 + [(f'GALDEPTH_{b}', '>f4') for b in _OPT]
+                 + [(c, '>f4') for c in ('SHAPE_R', 'SHAPE_R_IVAR', 'SHAPE_E1', 'SHAPE_E1_IVAR', 'SHAPE_E2', 'SHAPE_E2_IVAR',
+                                         'SERSIC', 'FIBERFLUX_Z', 'FIBERTOTFLUX_Z', 'GAIA_PHOT_G_MEAN_MAG')]
+                 + [('MASKBITS', '>i4'), ('FITBITS', '>i2')]
+                 + [(f'ANYMASK_{b}', '>i2') for b in _OPT] + [(f'ALLMASK_{b}', '>i2') for b in _OPT])  # (name, FITS dtype)
+SWEEP_DTYPE = np.dtype(SWEEP_COLUMNS)
+
+def empty_sweep(n:int)->np.ndarray:
+    "Zero-filled sweep structured array of `n` rows with the DR10 dtype."
+    return np.zeros(n, dtype=SWEEP_DTYPE)
+
+# %% ../nbs/01_survey.ipynb
+def to_sweep_array(table,                   # structured array or DataFrame with sweep columns
+                   fill_missing:bool=False, # zero-fill sweep columns absent from `table` (else ValueError)
+                  )->np.ndarray:
+    "`table` cast to the DR10 sweep dtype; extra columns are an error."
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame({n: table[n] for n in table.dtype.names})
+    upper = {c.upper(): c for c in df.columns}
+    extra = sorted(set(upper) - set(SWEEP_DTYPE.names))
+    if extra: raise ValueError(f'columns {extra} are not sweep columns (SWEEP_COLUMNS); drop or rename them')
+    missing = [n for n in SWEEP_DTYPE.names if n not in upper]
+    if missing and not fill_missing: raise ValueError(f'sweep columns {missing} are missing; add them or pass fill_missing=True')
+    out = empty_sweep(len(df))
+    for name, dt in SWEEP_COLUMNS:
+        if name not in upper: continue
+        values = df[upper[name]].to_numpy()
+        out[name] = _ascii_column(values, dt, name) if dt.startswith('S') else values
+    return out
+
+def write_sweep(table, path:str|Path, fill_missing:bool=False):
+    "Write a sweep catalogue (HDU 1, EXTNAME 'SWEEP', DR10 names and dtypes) atomically."
+    arr = to_sweep_array(table, fill_missing)
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
+        f.write(arr, extname='SWEEP')
+
+# %% ../nbs/01_survey.ipynb
+def read_sweep(path:str|Path,                 # sweep file (DR10 or mock)
+               columns:list[str]|None=None,   # columns to read (case-insensitive); None: all of the file's columns
+              )->pd.DataFrame:
+    "Read a sweep into a native-endian DataFrame, upper-case names, TYPE/BRICKNAME as stripped str."
+    return read_fits_table(path, columns, ext=1, what='sweep catalogue')
