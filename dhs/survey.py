@@ -4,8 +4,8 @@
 
 # %% ../nbs/01_survey.ipynb 1
 from __future__ import annotations
-import gzip, io, math, os, warnings
-from dataclasses import dataclass, field
+import gzip, io, math
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -396,7 +396,7 @@ def read_sweep(path:str|Path,                 # sweep file (DR10 or mock)
     return read_fits_table(path, columns, ext=1, what='sweep catalogue')
 
 # %% ../nbs/01_survey.ipynb
-@dataclass
+@dataclass(eq=False)  # arrays inside: compare fields explicitly
 class Cutout:
     "A g,r,z stamp of a brick's coadds around a position, with its sub-pixel offset."
     image: np.ndarray     # (nb, N, N) float32 [nanomaggies/pixel]
