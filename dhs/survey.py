@@ -17,8 +17,8 @@ from .core import atomic_path, task_seed
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
-           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_BUNIT',
-           'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
+           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_TILE',
+           'COADD_BUNIT', 'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
            'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
            'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
            'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
@@ -263,6 +263,7 @@ COADD_COMPRESSION = {  # fitsio tile-compression settings per coadd kind
     'psfsize':  dict(compress='RICE', qlevel=-1e-4, qmethod='SUBTRACTIVE_DITHER_2'),  # absolute step 1e-4 arcsec
     'maskbits': dict(compress='RICE'),                                                # int32, lossless
 }
+COADD_TILE = (100, 100)  # compression tile [pixels]
 COADD_BUNIT = {'image': 'nanomaggy', 'invvar': '1/nanomaggy^2', 'psfsize': 'arcsec'}
 
 def _wcs_cards(wcs:WCS)->list[dict]:
@@ -310,7 +311,7 @@ def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpa
     cards = _wcs_cards(wcs) + _coadd_cards(kind, band, brick, bands)
     dither = 1 + task_seed(f'{brick}-{kind}-{band}') % 10000  # cfitsio accepts 1..10000
     with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
-        f.write(data, header=cards, dither_seed=dither, **COADD_COMPRESSION[kind])
+        f.write(data, header=cards, dither_seed=dither, tile_dims=COADD_TILE, **COADD_COMPRESSION[kind])
 
 # %% ../nbs/01_survey.ipynb
 def read_coadd(path:str|Path)->tuple[np.ndarray, fits.Header]:
