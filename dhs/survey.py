@@ -170,8 +170,9 @@ def write_bricks(df:pd.DataFrame, # bricks table (as from `make_bricks_table`)
 # %% ../nbs/01_survey.ipynb
 def _native(values:np.ndarray)->np.ndarray:
     "Column in native byte order; byte strings decoded and stripped."
-    if values.dtype.kind == 'S': return np.char.strip(np.char.decode(values, 'ascii')).astype(object)
-    return values.astype(values.dtype.newbyteorder('='))
+    if values.dtype.kind == 'S': values = np.char.strip(np.char.decode(values, 'ascii')).astype(object)
+    else: values = values.astype(values.dtype.newbyteorder('='))
+    return list(values) if values.ndim > 1 else values  # vector columns (e.g. DR10 DCHISQ) become one array per row
 
 def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, what:str='table')->pd.DataFrame:
     "Read a FITS binary table into a native-endian DataFrame with upper-case names; `SurveyFileError` names the file on any problem."
@@ -181,7 +182,7 @@ def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, w
             have = {c.upper(): c for c in f[ext].get_colnames()}
             want = [c.upper() for c in columns] if columns is not None else list(have)
             missing = [c for c in want if c not in have]
-            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {list(have)}. Is this the right file?')
+            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {len(have)} columns, e.g. {list(have)[:12]}. Is this the right file?')
             arr = f[ext].read(columns=[have[c] for c in want])
     except SurveyFileError: raise
     except Exception as e: raise SurveyFileError(f'{path}: cannot read {what} from HDU {ext} ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
