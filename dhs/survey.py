@@ -305,6 +305,8 @@ def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpa
     coadd_relpath(brick, kind, band)  # validates kind and band
     data = np.asarray(data)
     if data.ndim != 2: raise ValueError(f'{path}: coadd data must be 2-D, got shape {data.shape}')
+    if wcs.pixel_shape is not None and tuple(wcs.pixel_shape) != data.shape[::-1]:
+        raise ValueError(f'{path}: data is {data.shape[1]}x{data.shape[0]} pixels but the WCS is for {wcs.pixel_shape[0]}x{wcs.pixel_shape[1]}; use brick_wcs(ra, dec, npix) with the data size')
     if kind == 'maskbits':
         if data.dtype.kind not in 'iu' or data.min(initial=0) < 0 or data.max(initial=0) >= 2**31: raise ValueError(f'{path}: maskbits must be non-negative integers < 2**31, got {data.dtype}')
         data = data.astype(np.int32)
