@@ -151,7 +151,7 @@ def control_plan(task_id:str, salt:str, control_frac:float, unpaired_frac:float,
 # %% ../nbs/21_manifest.ipynb
 @dataclass
 class ManifestConfig:
-    parent_uri:str = 'outputs/parent'       # phase 3 output (Parquet)
+    parent_uri:str = 'outputs/parent/hosts' # phase 3 hosts (Parquet)
     out_uri:str = 'outputs/manifest'        # output folder (manifest Parquet, splits, summary)
     experiment_id:str = 'mock-v4'           # names the task ids and salts the seeds
     draw:DrawConfig = field(default_factory=DrawConfig)  # injection-parameter draws
@@ -184,8 +184,9 @@ def _host_bins(spark, hosts, cfg:ManifestConfig):
             for b, col in BIN_COLUMNS.items(): pdf[b] = assign_bins(pdf[col].fillna(-1), edges[b])
             pdf['cell'] = [f'{a}-{b}-{c}-{d}' for a, b, c, d in zip(*(pdf[b] for b in BIN_COLUMNS))]
             yield pdf
-    schema = hosts.schema.add('region_id', 'long').add('psf_bin', 'int').add('depth_bin', 'int') \
-        .add('zmag_bin', 'int').add('shape_bin', 'int').add('cell', 'string')
+    from pyspark.sql.types import StructType
+    schema = StructType(hosts.schema.fields + StructType.fromDDL(
+        'region_id long, psf_bin int, depth_bin int, zmag_bin int, shape_bin int, cell string').fields)
     return hosts.mapInPandas(add, schema), edges
 
 # %% ../nbs/21_manifest.ipynb
@@ -230,8 +231,8 @@ def _draw_all(tasks, cfg:ManifestConfig):
     from pyspark.sql.types import StructType
     exp, draw = cfg.experiment_id, cfg.draw
     params = StructType.fromDDL(PARAM_SCHEMA)
-    schema = StructType(tasks.schema.fields + params.fields).add('experiment_id', 'string').add('grid', 'string') \
-        .add('lens_model', 'string').add('theta_over_psf', 'double')
+    schema = StructType(tasks.schema.fields + params.fields + StructType.fromDDL(
+        'experiment_id string, grid string, lens_model string, theta_over_psf double').fields)
     names = [f.name for f in params.fields]
     def go(batches):
         for pdf in batches:
@@ -327,7 +328,7 @@ def _write_parquet_local_or_remote(df:pd.DataFrame, uri:str, cfg):
 def main(argv:list|None=None)->int:
     "`dhs manifest`: phase 4a, injection tasks with controls and region-disjoint splits (Spark)."
     ap = argparse.ArgumentParser(prog='dhs manifest', description=main.__doc__)
-    ap.add_argument('--parent', required=True, help='phase 3 output (Parquet folder)')
+    ap.add_argument('--parent', required=True, help='phase 3 hosts (the Parquet folder <parent out>/hosts)')
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--experiment', default='mock-v4', help='experiment id: names tasks and salts their seeds')
     ap.add_argument('--grid', default='v4_sota', choices=sorted(GRIDS) + ['realistic'])

@@ -176,7 +176,7 @@ def process_sweep(uri:str, selection:str, lenses:pd.DataFrame, radius_arcsec:flo
 @dataclass
 class ParentConfig:
     sky_uri:str = 'data/mock-sky'      # DR10 root (local, https or s3) holding south/sweep/10.1/
-    out_uri:str = 'outputs/parent'     # output folder of the parent-sample Parquet
+    out_uri:str = 'outputs/parent'     # output folder: hosts/ (Parquet) and parent_summary.json
     selection:str = 'desi_lrg'         # desi_lrg | seed_v3
     sweep_glob:str = 'south/sweep/10.1/sweep-*.fits'  # sweep files under sky_uri
     sweep_files:list = field(default_factory=list)    # explicit sweep URIs (instead of the glob)
@@ -242,7 +242,7 @@ def run_parent(cfg:ParentConfig, spark=None)->dict:
     records = [json.loads(r['_record']) for r in out.where('_record IS NOT NULL').select('_record').collect()]
     _check_bad_files(records, cfg)
     hosts = out.where('_record IS NULL').drop('_record')
-    hosts.write.mode('overwrite').parquet(cfg.out_uri)
+    hosts.write.mode('overwrite').parquet(uri_join(cfg.out_uri, 'hosts'))
     n_hosts = hosts.count()
     out.unpersist()
     return _summarise(cfg, files, records, n_hosts, lens_prov, hosts, time.time() - t0)

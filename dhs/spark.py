@@ -51,6 +51,7 @@ def get_spark(cfg:SparkConfig|None=None):
          .config('spark.sql.shuffle.partitions', str(cfg.shuffle_partitions))
          .config('spark.sql.execution.arrow.pyspark.enabled', 'true')
          .config('spark.ui.enabled', str(cfg.ui).lower())
+         .config('spark.ui.showConsoleProgress', 'false')
          .config('spark.driver.bindAddress', os.environ.get('SPARK_LOCAL_IP', '127.0.0.1'))
          .config('spark.sql.session.timeZone', 'UTC'))
     for k, v in cfg.extra.items(): b = b.config(k, str(v))
