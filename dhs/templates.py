@@ -238,6 +238,15 @@ class TemplateSource(Source):
                                    order=1, mode='grid-constant', cval=0.0)
         return vals.reshape(np.shape(row)) / self.scale**2
 
+    def smoothed(self, sigma_arcsec:float)->TemplateSource:
+        "Same source convolved with a circular Gaussian of `sigma_arcsec` (flux kept), for coarse sampling grids."
+        sig_pix = sigma_arcsec / self.scale
+        pad = int(np.ceil(4 * sig_pix)) + 1
+        t = self.template
+        img = ndi.gaussian_filter(np.pad(t.image.astype(float), pad), sig_pix, mode='constant', cval=0.0)
+        t2 = dataclasses.replace(t, image=(img / img.sum()).astype(np.float32), cx=t.cx + pad, cy=t.cy + pad)
+        return TemplateSource(t2, self.r_eff, self.q, self.phi, self.x0, self.y0)
+
     def params(self)->dict: return dict(kind='template', template_id=self.template.id, r_eff=self.r_eff, q=self.q, phi=self.phi, x0=self.x0, y0=self.y0)
     def __repr__(self): return f'TemplateSource({self.params()})'
 

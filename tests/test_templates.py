@@ -24,7 +24,7 @@ def test_every_template_conserves_flux_at_unit_magnification(bank):
         src = TemplateSource(t, rng.uniform(0.05, 0.5), rng.uniform(0.4, 1.0), rng.uniform(0, np.pi),
                              *rng.uniform(-0.2, 0.2, 2))
         half = 0.75 * np.hypot(*t.image.shape) * src.scale / np.sqrt(src.q) + 0.3
-        x, y, a = _grid(half, src.scale / 3)
+        x, y, a = _grid(half, src.scale * np.sqrt(src.q) / 4)   # 4 samples per (compressed) template pixel
         worst = max(worst, abs(src.sb(x, y).sum() * a - 1))
     assert worst < 1e-3, worst
 
@@ -115,3 +115,17 @@ def test_cosmos_reader_errors(tmp_path):
     (tmp_path / 'real_galaxy_images_25.2_n2.fits').unlink()
     with pytest.raises(FileNotFoundError, match='IDENT=1001'):
         load_cosmos_templates(tmp_path / 'real_galaxy_catalog_25.2.fits')
+
+
+def test_coarse_sampling_and_smoothing(bank):
+    """Point-sampling r_eff = 0.1" templates on a 4x supersampled DECaLS grid errs by up to tens of % in
+    flux; `smoothed(d/2)` brings every template within 2% (median < 0.2%)."""
+    rng = np.random.default_rng(0)
+    x, y, a = _grid(0.262 * 32, 0.262 / 4)
+    raw, smooth = [], []
+    for tid in bank.ids:
+        src = TemplateSource(bank[tid], 0.1, 1.0, rng.uniform(0, np.pi), *rng.uniform(-0.131, 0.131, 2))
+        raw.append(abs(src.sb(x, y).sum() * a - 1))
+        smooth.append(abs(src.smoothed(0.262 / 8).sb(x, y).sum() * a - 1))
+    assert max(raw) > 0.05                       # the problem is real ...
+    assert max(smooth) < 0.02 and np.median(smooth) < 2e-3   # ... and smoothing fixes it
