@@ -62,7 +62,7 @@ def check_coadd_file(path:str|Path,            # local file to check
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise IncompleteFileError(f'{path}: {size} bytes where the source has {expected_size} (truncated transfer?)')
-    if 'fits' not in verify: return size
+    if 'fits' not in verify and expected_size is not None: return size   # without a source size, 'size' alone proves nothing
     if size == 0 or size % 2880: raise IncompleteFileError(f'{path}: {size} bytes is not a whole number of 2880-byte FITS blocks')
     try:
         with fitsio.FITS(str(path)) as f:
@@ -153,7 +153,7 @@ def cached_complete(dst_fs, dest_uri:str, size:int|None, verify:str)->bool:
             check_coadd_file(local_path(dest_uri), size, verify); return True
         info = dst_fs.info(dest_uri)
         if size is not None and info.get('size') != size: return False
-        if 'fits' not in verify: return True
+        if 'fits' not in verify and size is not None: return True
         with _local_temp() as tmp:
             dst_fs.get_file(dest_uri, tmp); check_coadd_file(tmp, size, verify); return True
     except FileNotFoundError: return False
@@ -183,6 +183,8 @@ def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:s
 
 # %% ../nbs/22_cache.ipynb
 REPORT_COLUMNS = ('brickname', 'relpath', 'status', 'size_bytes', 'bytes_copied', 'attempts', 'seconds', 'error')
+# status: copied / skipped / missing / failed / cancelled; size_bytes: at the source (-1: not known); attempts: tries of the
+# source size plus tries of the copy; seconds: time spent on the file [s]; error: why a file failed or is missing
 
 def _rows(brick:str, bands, status:str='', error:str='')->list[dict]:
     "Empty report rows (one per coadd file) of a brick."
@@ -216,7 +218,8 @@ def _fetch_row(row:dict, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget)-
     t0, size = time.monotonic(), (None if row['size_bytes'] < 0 else row['size_bytes'])
     src, dest = uri_join(cfg.base_uri, row['relpath']), uri_join(cfg.cache_uri, row['relpath'])
     try:
-        if cached_complete(dst_fs, dest, size, cfg.verify): row['status'] = 'skipped'
+        complete, _ = with_retries(lambda: cached_complete(dst_fs, dest, size, cfg.verify), cfg, f'cached copy {dest}', budget.stop)
+        if complete: row['status'] = 'skipped'
         else:
             n_bytes, attempts = with_retries(lambda: copy_file(src_fs, src, dst_fs, dest, size, cfg.verify), cfg, src, budget.stop)
             row.update(status='copied', bytes_copied=n_bytes, attempts=row['attempts'] + attempts)
