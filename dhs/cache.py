@@ -26,7 +26,7 @@ __all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'BRICKNAME_RE', 'CacheConfig
            'cache_bricks', 'manifest_bricks', 'main']
 
 # %% ../nbs/22_cache.ipynb
-VERIFY_MODES = ('size+fits', 'size')  # what makes a cached file complete (see `check_coadd_file`)
+VERIFY_MODES = ('size+fits', 'size+header', 'size')  # what makes a copy complete (see `check_coadd_file`)
 
 @dataclass
 class CacheConfig:
@@ -38,7 +38,7 @@ class CacheConfig:
     max_retries:int = 4              # retries of a file after its first try, for transient errors only
     backoff_s:float = 0.5            # wait before retry k (0-based) is backoff_s * 2**k * U(0.5, 1.5) [s]
     timeout_s:float = 60.0           # connect and per-read timeout of one request [s]
-    verify:str = 'size+fits'         # 'size+fits': source size and HDU1 decompresses; 'size': size only (cheaper on S3 caches)
+    verify:str = 'size+fits'         # 'size+fits': source size, HDU1 decompresses; 'size+header': HDU1 ends inside the file; 'size'
     fail_fraction:float = 0.0        # largest tolerated fraction of requested files failing (404s excluded); beyond it the run stops
     storage_options:dict = field(default_factory=dict)        # fsspec options of the source, e.g. {'endpoint_url': ..., 'anon': True}
     cache_storage_options:dict = field(default_factory=dict)  # fsspec options of the cache when it is remote (s3)
@@ -62,14 +62,16 @@ def check_coadd_file(path:str|Path,            # local file to check
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise IncompleteFileError(f'{path}: {size} bytes where the source has {expected_size} (truncated transfer?)')
-    if 'fits' not in verify and expected_size is not None: return size   # without a source size, 'size' alone proves nothing
+    if verify == 'size' and expected_size is not None: return size   # without a source size, 'size' alone proves nothing
     if size == 0 or size % 2880: raise IncompleteFileError(f'{path}: {size} bytes is not a whole number of 2880-byte FITS blocks')
     try:
         with fitsio.FITS(str(path)) as f:
             n_hdu = len(f)
-            if n_hdu > 1: f[1].read()
+            data_end = f[1].get_offsets()['data_end'] if n_hdu > 1 else 0
+            if n_hdu > 1 and data_end <= size and verify == 'size+fits': f[1].read()   # decompresses every tile
     except OSError as e: raise IncompleteFileError(f'{path}: HDU1 does not read ({str(e).splitlines()[0]})') from e
     if n_hdu < 2: raise IncompleteFileError(f'{path}: no HDU1 (a DR10 coadd has an empty primary HDU and the image in HDU1)')
+    if data_end > size: raise IncompleteFileError(f'{path}: HDU1 ends at byte {data_end} but the file has {size} bytes')
     return size
 
 # %% ../nbs/22_cache.ipynb
@@ -153,7 +155,7 @@ def cached_complete(dst_fs, dest_uri:str, size:int|None, verify:str)->bool:
             check_coadd_file(local_path(dest_uri), size, verify); return True
         info = dst_fs.info(dest_uri)
         if size is not None and info.get('size') != size: return False
-        if 'fits' not in verify and size is not None: return True
+        if verify == 'size' and size is not None: return True
         with _local_temp() as tmp:
             dst_fs.get_file(dest_uri, tmp); check_coadd_file(tmp, size, verify); return True
     except FileNotFoundError: return False

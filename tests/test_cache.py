@@ -263,13 +263,18 @@ def s3(sky):
 
 def test_s3_to_local(sky, s3, tmp_path):
     cache = tmp_path / 'cache'
-    cfg = CacheConfig(base_uri='s3://dhs-sky/dr10', cache_uri=str(cache), n_threads=4, backoff_s=0.01, storage_options=s3['options'])
+    cfg = CacheConfig(base_uri='s3://dhs-sky/dr10', cache_uri=str(cache), n_threads=4, backoff_s=0.01, verify='size+header',
+                      storage_options=s3['options'])
     rep = cache_bricks(PRESENT[:3] + [ABSENT, PARTIAL], cfg)
     assert (rep.count('copied'), rep.count('missing'), rep.count('failed')) == (30, 20, 0)
     rels = [r for b in PRESENT[:3] for r in brick_coadd_relpaths(b)]
     assert_identical(sky, cache, rels)
     assert cache_contents(cache) == set(rels) | REPORTS
     assert cache_bricks(PRESENT[:3], cfg).count('skipped') == 30
+    (cache / rels[4]).write_bytes((sky / rels[4]).read_bytes()[:-2880])  # the last block lost
+    rep = cache_bricks(PRESENT[:3], cfg)
+    assert (rep.count('copied'), rep.count('skipped')) == (1, 29)
+    assert_identical(sky, cache, rels)
 
 
 @pytest.mark.parametrize('verify', ['size', 'size+fits'])
