@@ -4,13 +4,26 @@
 
 # %% ../nbs/01_survey.ipynb 1
 from __future__ import annotations
-import math
+import gzip, io, math
+from dataclasses import dataclass
+from pathlib import Path
 import numpy as np
+import pandas as pd
+import fitsio
+from astropy.io import fits
+from astropy.wcs import WCS
+from .core import atomic_path, task_seed
 
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
-           'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'brickname', 'bricknames', 'coadd_relpath',
-           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for']
+           'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
+           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_BUNIT',
+           'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
+           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
+           'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
+           'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
+           'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout',
+           'nearest_pixel', 'stamp_slice', 'StampOffBrickError', 'BrickImages', 'cut_stamp']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -33,9 +46,11 @@ def brickname(ra:float, # brick centre right ascension [deg]
     return f'{int(ra*10):04d}{_sign_char(dec)}{int(abs(dec)*10):03d}'
 
 def bricknames(ra, dec)->np.ndarray:
-    "Vectorised `brickname` for arrays of brick centres [deg]."
+    "Vectorised `brickname` for arrays of brick centres [deg]; returns a '<U8' array."
     ra, dec = np.broadcast_arrays(np.asarray(ra, float), np.asarray(dec, float))
-    return np.array([brickname(a, d) for a, d in zip(ra.ravel(), dec.ravel())], dtype='U8').reshape(ra.shape)
+    ra10 = np.char.zfill((ra * 10).astype(np.int64).astype('U4'), 4)  # astype(int) truncates like int()
+    dec10 = np.char.zfill((np.abs(dec) * 10).astype(np.int64).astype('U3'), 3)
+    return np.char.add(np.char.add(ra10, np.where(dec < 0, 'm', 'p')), dec10).astype('U8')
 
 # %% ../nbs/01_survey.ipynb
 def coadd_relpath(brick:str,          # DR10 brick name, e.g. '2447p120'
@@ -69,3 +84,432 @@ def sweep_bounds_for(ra:float, dec:float)->tuple[int, int, int, int]:
     ramin = int(math.floor((ra % 360) / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG
     decmin = min(int(math.floor(dec / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG, 90 - SWEEP_BOX_DEG)
     return ramin, decmin, ramin + SWEEP_BOX_DEG, decmin + SWEEP_BOX_DEG
+
+# %% ../nbs/01_survey.ipynb
+class SurveyFileError(Exception):
+    "A survey file is missing, truncated, corrupt or lacks what was asked of it."
+
+REFETCH_HINT = 're-fetch it with `dhs cache` (phase 4b), or regenerate the mock sky'
+
+def _fits_end_bytes(path:Path)->int:
+    "Bytes a FITS file must hold according to its own headers (end of the last HDU's data, as cfitsio computes it)."
+    with fitsio.FITS(str(path)) as f: return max(hdu.get_offsets()['data_end'] for hdu in f)
+
+# %% ../nbs/01_survey.ipynb
+def check_fits_file(path:str|Path, # local FITS file (plain or tile-compressed; '.gz' is checked by decompressing)
+                   )->Path:
+    "Raise `SurveyFileError` naming `path` if it is missing, unreadable or shorter than its headers say."
+    path = Path(path)
+    if not path.is_file(): raise SurveyFileError(f'{path}: file is missing; {REFETCH_HINT}')
+    if path.stat().st_size == 0: raise SurveyFileError(f'{path}: file is empty (0 bytes); {REFETCH_HINT}')
+    try: need = _fits_end_bytes(path)
+    except Exception as e: raise SurveyFileError(f'{path}: not a readable FITS file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); {REFETCH_HINT}') from e
+    size = path.stat().st_size
+    if not path.name.endswith('.gz') and size < need:
+        raise SurveyFileError(f'{path}: file is truncated ({size} bytes, its headers need {need}); {REFETCH_HINT}')
+    return path
+
+# %% ../nbs/01_survey.ipynb
+BRICK_ROW_DEG = 0.25   # height of a brick row [deg]
+N_BRICK_ROWS = 721     # rows with centres at Dec = -90, -89.75, ..., +90
+
+def brick_row_ncols()->np.ndarray:
+    "Number of bricks in each of the 721 DR10 brick rows."
+    dec = -90 + BRICK_ROW_DEG * np.arange(N_BRICK_ROWS)
+    dec_near = np.minimum(np.abs(np.clip(dec - BRICK_ROW_DEG/2, -90, 90)), np.abs(np.clip(dec + BRICK_ROW_DEG/2, -90, 90)))
+    ncol = 2 * np.ceil(360 * np.cos(np.radians(dec_near)) / BRICK_ROW_DEG / 2).astype(np.int64)  # even, rounded up
+    ncol[np.abs(dec) == 90] = 1  # polar caps
+    return ncol
+
+# %% ../nbs/01_survey.ipynb
+BRICK_COLUMNS = [('BRICKNAME', 'S8'), ('BRICKID', '>i4'), ('BRICKROW', '>i4'), ('BRICKCOL', '>i4'), ('RA', '>f8'),
+                 ('DEC', '>f8'), ('RA1', '>f8'), ('RA2', '>f8'), ('DEC1', '>f8'), ('DEC2', '>f8')]  # DR10 names, FITS dtypes
+
+def make_bricks_table()->pd.DataFrame:
+    "The full DR10 brick grid (662,174 rows), BRICKID 1-based over rows then columns."
+    ncol = brick_row_ncols()
+    row = np.repeat(np.arange(N_BRICK_ROWS), ncol)
+    col = np.arange(ncol.sum()) - np.repeat(np.cumsum(ncol) - ncol, ncol)
+    width = 360.0 / ncol[row]
+    ra1, ra2 = col * width, (col + 1) * width
+    ra = np.where(ncol[row] == 1, 0.0, (ra1 + ra2) / 2)
+    dec = -90 + BRICK_ROW_DEG * row
+    dec1, dec2 = np.clip(dec - BRICK_ROW_DEG/2, -90, 90), np.clip(dec + BRICK_ROW_DEG/2, -90, 90)
+    return pd.DataFrame(dict(BRICKNAME=bricknames(ra, dec).astype(object), BRICKID=np.arange(1, len(row) + 1, dtype=np.int32),
+                             BRICKROW=row.astype(np.int32), BRICKCOL=col.astype(np.int32), RA=ra, DEC=dec,
+                             RA1=ra1, RA2=ra2, DEC1=dec1, DEC2=dec2))
+
+# %% ../nbs/01_survey.ipynb
+def _ascii_column(values:np.ndarray, dt:str, name:str)->np.ndarray:
+    "Text column as fixed-width ASCII bytes of FITS type `dt` ('S8'); ValueError if a value would be cut."
+    if values.dtype.kind == 'O': values = np.array([v.decode('ascii') if isinstance(v, bytes) else str(v) for v in values], dtype=str)
+    out = values if values.dtype.kind == 'S' else np.char.encode(values.astype(str), 'ascii')
+    width = np.dtype(dt).itemsize
+    if len(out) and np.char.str_len(out).max() > width: raise ValueError(f'column {name}: values longer than {width} characters, e.g. {out[np.argmax(np.char.str_len(out))]!r}')
+    return out
+
+def _table_array(df:pd.DataFrame, columns:list[tuple[str, str]], where:str)->np.ndarray:
+    "Structured array with FITS dtypes `columns` from a DataFrame (names case-insensitive)."
+    upper = {c.upper(): c for c in df.columns}
+    missing = [n for n, _ in columns if n not in upper]
+    if missing: raise ValueError(f'{where}: missing column(s) {missing}; have {list(df.columns)}')
+    out = np.zeros(len(df), dtype=columns)
+    for name, dt in columns:
+        values = df[upper[name]].to_numpy()
+        out[name] = _ascii_column(values, dt, name) if dt.startswith('S') else values
+    return out
+
+def write_bricks(df:pd.DataFrame, # bricks table (as from `make_bricks_table`)
+                 path:str|Path,   # destination, normally `<base>/survey-bricks.fits.gz`
+                ):
+    "Write a bricks table as a gzip FITS binary table (HDU 1 'BRICKS'), atomically."
+    hdu = fits.BinTableHDU(_table_array(df, BRICK_COLUMNS, f'bricks table for {path}'), name='BRICKS')
+    buf = io.BytesIO(); fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    with atomic_path(path) as tmp: Path(tmp).write_bytes(gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))  # mtime=0: same bytes every run
+
+# %% ../nbs/01_survey.ipynb
+def _native(values:np.ndarray)->np.ndarray:
+    "Column in native byte order; byte strings decoded and stripped."
+    if values.dtype.kind == 'S': return np.char.strip(np.char.decode(values, 'ascii')).astype(object)
+    return values.astype(values.dtype.newbyteorder('='))
+
+def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, what:str='table')->pd.DataFrame:
+    "Read a FITS binary table into a native-endian DataFrame with upper-case names; `SurveyFileError` names the file on any problem."
+    path = check_fits_file(path)
+    try:
+        with fitsio.FITS(str(path)) as f:
+            have = {c.upper(): c for c in f[ext].get_colnames()}
+            want = [c.upper() for c in columns] if columns is not None else list(have)
+            missing = [c for c in want if c not in have]
+            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {list(have)}. Is this the right file?')
+            arr = f[ext].read(columns=[have[c] for c in want])
+    except SurveyFileError: raise
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read {what} from HDU {ext} ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    return pd.DataFrame({c: _native(arr[have[c]]) for c in want})
+
+def read_bricks(path:str|Path)->pd.DataFrame:
+    "Read `survey-bricks.fits.gz` (DR10 or mock) into a DataFrame with upper-case column names."
+    return read_fits_table(path, [n for n, _ in BRICK_COLUMNS], what='bricks table')
+
+# %% ../nbs/01_survey.ipynb
+def bricks_for_positions(bricks:pd.DataFrame, # bricks table (all of DR10 or a subset)
+                         ra, dec,            # positions [deg], arrays or scalars
+                         strict:bool=True,   # raise for positions outside every brick of the table (else '' there)
+                        )->np.ndarray:
+    "Vectorised brick names holding positions (ra, dec)."
+    ra, dec = np.broadcast_arrays(np.asarray(ra, float) % 360, np.asarray(dec, float))
+    order = np.lexsort((bricks.RA1.to_numpy(), bricks.DEC1.to_numpy()))
+    dec1, ra1 = bricks.DEC1.to_numpy()[order], bricks.RA1.to_numpy()[order]
+    row_dec1 = np.unique(dec1)                      # one entry per brick row of the table
+    row_of_brick = np.searchsorted(row_dec1, dec1)   # integer row index: keys below never mix rows
+    row_of_pos = np.clip(np.searchsorted(row_dec1, dec, 'right') - 1, 0, None)
+    i = order[np.clip(np.searchsorted(row_of_brick * 1000 + ra1, row_of_pos * 1000 + ra, 'right') - 1, 0, None)]
+    b = bricks.iloc[i]
+    inside = (b.DEC1.to_numpy() <= dec) & (dec <= b.DEC2.to_numpy()) & (b.RA1.to_numpy() <= ra) & (ra < b.RA2.to_numpy())
+    if strict and not inside.all():
+        k = np.flatnonzero(~inside)
+        raise ValueError(f'{len(k)} position(s) lie in no brick of this table, first (ra, dec) = ({ra.ravel()[k[0]]:.6f}, {dec.ravel()[k[0]]:.6f}) deg; '
+                         'use the full table (make_bricks_table / survey-bricks.fits.gz) or strict=False')
+    return np.where(inside, b.BRICKNAME.to_numpy().astype(str), '').reshape(ra.shape)
+
+def brick_for_position(bricks:pd.DataFrame, ra:float, dec:float)->pd.Series:
+    "The row of `bricks` (a Series) whose box holds (ra, dec) [deg]."
+    name = bricks_for_positions(bricks, [ra], [dec])[0]
+    return bricks.loc[bricks.BRICKNAME == name].iloc[0]
+
+# %% ../nbs/01_survey.ipynb
+MASKBITS = dict(NPRIMARY=0, BRIGHT=1, SATUR_G=2, SATUR_R=3, SATUR_Z=4, ALLMASK_G=5, ALLMASK_R=6, ALLMASK_Z=7,
+                WISEM1=8, WISEM2=9, BAILOUT=10, MEDIUM=11, GALAXY=12, CLUSTER=13, SATUR_I=14, ALLMASK_I=15,
+                SUB_BLOB=16)  # DR10 bit name -> bit number
+BAD_MASKBIT_NAMES = ('BRIGHT', 'SATUR_G', 'SATUR_R', 'SATUR_Z', 'SATUR_I', 'ALLMASK_G', 'ALLMASK_R', 'ALLMASK_Z',
+                     'ALLMASK_I', 'BAILOUT', 'MEDIUM')  # bits that make a pixel unusable (DESIGN.md)
+
+def maskbits_value(*names:str)->int:
+    "Integer with the named MASKBITS bits set."
+    unknown = [n for n in names if n not in MASKBITS]
+    if unknown: raise ValueError(f'unknown MASKBITS name(s) {unknown}; known: {list(MASKBITS)}')
+    return sum(1 << MASKBITS[n] for n in set(names))
+
+BAD_MASKBITS = maskbits_value(*BAD_MASKBIT_NAMES)
+
+def bad_pixel_mask(maskbits:np.ndarray,          # DR10 maskbits (..., N, N) int
+                   invvar:np.ndarray|None=None,  # inverse variance [1/nmgy^2], (N, N) or (nb, N, N); broadcast with maskbits
+                  )->np.ndarray:
+    "True where a pixel is masked: a bad MASKBITS bit set, or invvar <= 0 / not finite."
+    bad = (np.asarray(maskbits).astype(np.int64) & BAD_MASKBITS) != 0
+    if invvar is None: return bad
+    invvar = np.asarray(invvar)
+    return bad | ~(np.isfinite(invvar) & (invvar > 0))
+
+# %% ../nbs/01_survey.ipynb
+def brick_wcs(ra_center:float,         # brick centre RA [deg]
+              dec_center:float,        # brick centre Dec [deg]
+              npix:int=BRICK_PIXELS,   # brick side [pixels]
+             )->WCS:
+    "TAN WCS of a DR10-like coadd of side `npix` centred on (ra_center, dec_center)."
+    w = WCS(naxis=2)
+    w.wcs.ctype = ['RA---TAN', 'DEC--TAN']
+    w.wcs.crval = [ra_center, dec_center]
+    w.wcs.crpix = [(npix + 1) / 2, (npix + 1) / 2]
+    w.wcs.cd = [[-PIXSCALE_ARCSEC / 3600, 0.0], [0.0, PIXSCALE_ARCSEC / 3600]]
+    w.wcs.radesys, w.wcs.equinox = 'ICRS', 2000.0
+    w.pixel_shape = (npix, npix)
+    return w
+
+# %% ../nbs/01_survey.ipynb
+COADD_COMPRESSION = {  # fitsio tile-compression settings per coadd kind
+    'image':    dict(compress='RICE', qlevel=16, qmethod='SUBTRACTIVE_DITHER_2'),     # step = tile noise / 16
+    'invvar':   dict(compress='RICE', qlevel=16, qmethod='SUBTRACTIVE_DITHER_2'),     # zeros kept exact
+    'psfsize':  dict(compress='RICE', qlevel=-1e-4, qmethod='SUBTRACTIVE_DITHER_2'),  # absolute step 1e-4 arcsec
+    'maskbits': dict(compress='RICE'),                                                # int32, lossless
+}
+COADD_BUNIT = {'image': 'nanomaggy', 'invvar': '1/nanomaggy^2', 'psfsize': 'arcsec'}
+
+def _wcs_cards(wcs:WCS)->list[dict]:
+    "FITS cards (CD-matrix form, as DR10 writes them) of a celestial WCS."
+    cd, w = wcs.pixel_scale_matrix, wcs.wcs
+    cards = [('CTYPE1', w.ctype[0]), ('CTYPE2', w.ctype[1]), ('CRVAL1', float(w.crval[0])), ('CRVAL2', float(w.crval[1])),
+             ('CRPIX1', float(w.crpix[0])), ('CRPIX2', float(w.crpix[1])), ('CD1_1', float(cd[0, 0])), ('CD1_2', float(cd[0, 1])),
+             ('CD2_1', float(cd[1, 0])), ('CD2_2', float(cd[1, 1])), ('EQUINOX', 2000.0), ('RADESYS', 'ICRS')]
+    return [dict(name=k, value=v) for k, v in cards]
+
+# %% ../nbs/01_survey.ipynb
+def _brick_from_filename(path:Path)->str:
+    "Brick name from 'legacysurvey-<brick>-<kind>...'; ValueError if the name does not follow DR10."
+    parts = path.name.split('-')
+    if len(parts) >= 3 and parts[0] == 'legacysurvey' and len(parts[1]) == 8: return parts[1]
+    raise ValueError(f'{path}: cannot tell the brick from the file name; pass brick=')
+
+def _coadd_cards(kind:str, band:str|None, brick:str, bands)->list[dict]:
+    "DR10-like header cards of a coadd HDU (units, zero point, brick, bands)."
+    cards = [dict(name='BRICK', value=brick, comment='brick name'), dict(name='BRICKNAM', value=brick, comment='brick name'),
+             dict(name='PRODTYPE', value=kind, comment='coadd product'), dict(name='BANDS', value=''.join(bands), comment='bands of this brick')]
+    if band is not None: cards.append(dict(name='BAND', value=band, comment='band of this image'))
+    if kind in COADD_BUNIT: cards.append(dict(name='BUNIT', value=COADD_BUNIT[kind], comment='pixel unit'))
+    if kind == 'image': cards.append(dict(name='MAGZERO', value=AB_ZP, comment='AB mag = MAGZERO - 2.5 log10(pixel value)'))
+    return cards
+
+# %% ../nbs/01_survey.ipynb
+def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpath(...)>
+                data:np.ndarray,     # (ny, nx) pixels: float for image/invvar/psfsize, integer for maskbits
+                wcs:WCS,             # the brick's WCS (`brick_wcs`)
+                kind:str,            # 'image', 'invvar', 'psfsize' or 'maskbits'
+                band:str|None=None,  # band of a per-band kind; None for maskbits
+                brick:str|None=None, # brick name; None: taken from the DR10 file name
+                bands=BANDS,         # bands of the brick, written as BANDS
+               ):
+    "Write one DR10-like coadd file (empty primary HDU, tile-compressed HDU 1), atomically."
+    path = Path(path); brick = brick or _brick_from_filename(path)
+    coadd_relpath(brick, kind, band)  # validates kind and band
+    data = np.asarray(data)
+    if data.ndim != 2: raise ValueError(f'{path}: coadd data must be 2-D, got shape {data.shape}')
+    if kind == 'maskbits':
+        if data.dtype.kind not in 'iu' or data.min(initial=0) < 0 or data.max(initial=0) >= 2**31: raise ValueError(f'{path}: maskbits must be non-negative integers < 2**31, got {data.dtype}')
+        data = data.astype(np.int32)
+    else: data = data.astype(np.float32)
+    cards = _wcs_cards(wcs) + _coadd_cards(kind, band, brick, bands)
+    dither = 1 + task_seed(f'{brick}-{kind}-{band}') % 10000  # cfitsio accepts 1..10000
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
+        f.write(data, header=cards, dither_seed=dither, **COADD_COMPRESSION[kind])
+
+# %% ../nbs/01_survey.ipynb
+def read_coadd(path:str|Path)->tuple[np.ndarray, fits.Header]:
+    "Pixels (native-endian) and image header of a coadd file; `SurveyFileError` names a missing, truncated or corrupt file."
+    path = check_fits_file(path)
+    try:
+        with fitsio.FITS(str(path)) as f:
+            if len(f) < 2: raise SurveyFileError(f'{path}: expected the coadd image in HDU 1, file has only {len(f)} HDU; {REFETCH_HINT}')
+            data = f[1].read()
+        header = fits.getheader(path, 1)
+    except SurveyFileError: raise
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read coadd image ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    if data is None or data.ndim != 2: raise SurveyFileError(f'{path}: HDU 1 is not a 2-D image; {REFETCH_HINT}')
+    return data.astype(data.dtype.newbyteorder('=')), header
+
+# %% ../nbs/01_survey.ipynb
+def write_brick_coadds(base:str|Path,        # local root laid out like DR10 (`<base>/south/coadd/...`)
+                       brick:str,            # brick name
+                       wcs:WCS,              # the brick's WCS (`brick_wcs`)
+                       image:np.ndarray,     # (nb, P, P) [nanomaggies/pixel]
+                       invvar:np.ndarray,    # (nb, P, P) [1/nanomaggy^2]
+                       psfsize:np.ndarray,   # (nb, P, P) PSF FWHM map [arcsec]
+                       maskbits:np.ndarray,  # (P, P) DR10 MASKBITS
+                       bands=BANDS,          # band of each plane
+                      )->list[Path]:
+    "Write all coadd files of a brick under `base`; returns their paths."
+    out = []
+    for kind, cube in (('image', image), ('invvar', invvar), ('psfsize', psfsize)):
+        if len(cube) != len(bands): raise ValueError(f'brick {brick}: {kind} has {len(cube)} planes for bands {bands}')
+        for plane, band in zip(cube, bands):
+            out.append(Path(base)/coadd_relpath(brick, kind, band)); write_coadd(out[-1], plane, wcs, kind, band, brick, bands)
+    out.append(Path(base)/coadd_relpath(brick, 'maskbits')); write_coadd(out[-1], maskbits, wcs, 'maskbits', None, brick, bands)
+    return out
+
+# %% ../nbs/01_survey.ipynb
+TRACTOR_TYPES = ('PSF', 'REX', 'DEV', 'EXP', 'SER', 'DUP')  # Tractor morphological types in TYPE
+_OPT, _ALL = ('G', 'R', 'I', 'Z'), ('G', 'R', 'I', 'Z', 'W1', 'W2', 'W3', 'W4')
+SWEEP_COLUMNS = ([('RELEASE', '>i2'), ('BRICKID', '>i4'), ('BRICKNAME', 'S8'), ('OBJID', '>i4'), ('TYPE', 'S3'),
+                  ('RA', '>f8'), ('DEC', '>f8'), ('EBV', '>f4')]
+                 + [(f'FLUX_{b}', '>f4') for b in _ALL] + [(f'FLUX_IVAR_{b}', '>f4') for b in _ALL]
+                 + [(f'MW_TRANSMISSION_{b}', '>f4') for b in _ALL] + [(f'NOBS_{b}', '>i2') for b in _OPT]
+                 + [(f'PSFSIZE_{b}', '>f4') for b in _OPT] + [(f'PSFDEPTH_{b}', '>f4') for b in _OPT + ('W1', 'W2')]
+                 + [(f'GALDEPTH_{b}', '>f4') for b in _OPT]
+                 + [(c, '>f4') for c in ('SHAPE_R', 'SHAPE_R_IVAR', 'SHAPE_E1', 'SHAPE_E1_IVAR', 'SHAPE_E2', 'SHAPE_E2_IVAR',
+                                         'SERSIC', 'FIBERFLUX_Z', 'FIBERTOTFLUX_Z', 'GAIA_PHOT_G_MEAN_MAG')]
+                 + [('MASKBITS', '>i4'), ('FITBITS', '>i2')]
+                 + [(f'ANYMASK_{b}', '>i2') for b in _OPT] + [(f'ALLMASK_{b}', '>i2') for b in _OPT])  # (name, FITS dtype)
+SWEEP_DTYPE = np.dtype(SWEEP_COLUMNS)
+
+def empty_sweep(n:int)->np.ndarray:
+    "Zero-filled sweep structured array of `n` rows with the DR10 dtype."
+    return np.zeros(n, dtype=SWEEP_DTYPE)
+
+# %% ../nbs/01_survey.ipynb
+def to_sweep_array(table,                   # structured array or DataFrame with sweep columns
+                   fill_missing:bool=False, # zero-fill sweep columns absent from `table` (else ValueError)
+                  )->np.ndarray:
+    "`table` cast to the DR10 sweep dtype; extra columns are an error."
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame({n: table[n] for n in table.dtype.names})
+    upper = {c.upper(): c for c in df.columns}
+    extra = sorted(set(upper) - set(SWEEP_DTYPE.names))
+    if extra: raise ValueError(f'columns {extra} are not sweep columns (SWEEP_COLUMNS); drop or rename them')
+    missing = [n for n in SWEEP_DTYPE.names if n not in upper]
+    if missing and not fill_missing: raise ValueError(f'sweep columns {missing} are missing; add them or pass fill_missing=True')
+    out = empty_sweep(len(df))
+    for name, dt in SWEEP_COLUMNS:
+        if name not in upper: continue
+        values = df[upper[name]].to_numpy()
+        out[name] = _ascii_column(values, dt, name) if dt.startswith('S') else values
+    return out
+
+def write_sweep(table, path:str|Path, fill_missing:bool=False):
+    "Write a sweep catalogue (HDU 1, EXTNAME 'SWEEP', DR10 names and dtypes) atomically."
+    arr = to_sweep_array(table, fill_missing)
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
+        f.write(arr, extname='SWEEP')
+
+# %% ../nbs/01_survey.ipynb
+def read_sweep(path:str|Path,                 # sweep file (DR10 or mock)
+               columns:list[str]|None=None,   # columns to read (case-insensitive); None: all of the file's columns
+              )->pd.DataFrame:
+    "Read a sweep into a native-endian DataFrame, upper-case names, TYPE/BRICKNAME as stripped str."
+    return read_fits_table(path, columns, ext=1, what='sweep catalogue')
+
+# %% ../nbs/01_survey.ipynb
+@dataclass(eq=False)  # arrays inside: compare fields explicitly
+class Cutout:
+    "A g,r,z stamp of a brick's coadds around a position, with its sub-pixel offset."
+    image: np.ndarray     # (nb, N, N) float32 [nanomaggies/pixel]
+    invvar: np.ndarray    # (nb, N, N) float32 [1/nanomaggy^2]
+    maskbits: np.ndarray  # (N, N) int32 DR10 MASKBITS
+    psfsize: np.ndarray   # (nb,) float32 psfsize map at the stamp centre pixel [arcsec]
+    x_pix: float          # 0-based brick x pixel of the position (astropy WCS)
+    y_pix: float          # 0-based brick y pixel of the position
+    dx: float             # x_pix - round(x_pix), in [-0.5, 0.5) [pixels]
+    dy: float             # y_pix - round(y_pix), in [-0.5, 0.5) [pixels]
+    brick: str = ''       # brick the stamp was cut from
+    bands: tuple = BANDS  # band of each image plane
+    ra: float = float('nan')   # requested position [deg]
+    dec: float = float('nan')
+
+    @property
+    def size(self)->int: return self.image.shape[-1]
+    @property
+    def bad(self)->np.ndarray:
+        "(nb, N, N) True where a pixel is masked (`bad_pixel_mask`)."
+        return bad_pixel_mask(self.maskbits, self.invvar)
+
+# %% ../nbs/01_survey.ipynb
+def nearest_pixel(p:float)->tuple[int, float]:
+    "(nearest pixel, offset in [-0.5, 0.5)) of a 0-based pixel coordinate; .5 rounds up."
+    n = int(math.floor(p + 0.5))
+    return n, p - n
+
+def stamp_slice(p:float, size:int)->tuple[int, int]:
+    "[start, stop) brick pixels of a stamp of `size` whose pixel size//2 is the one nearest to `p`."
+    n, _ = nearest_pixel(p)
+    return n - size // 2, n - size // 2 + size
+
+# %% ../nbs/01_survey.ipynb
+class StampOffBrickError(ValueError):
+    "A requested stamp does not fit inside the brick's pixels."
+
+def _brick_paths(base:Path, brick:str, bands)->dict:
+    "{(kind, band): path} of a brick's coadd files under `base`, checked to exist and be complete."
+    paths = {(k, b): base/coadd_relpath(brick, k, b) for k in COADD_KINDS_PER_BAND for b in bands}
+    paths[('maskbits', None)] = base/coadd_relpath(brick, 'maskbits')
+    for p in paths.values(): check_fits_file(p)
+    return paths
+
+def _open_coadd(path:Path):
+    "fitsio handle of a coadd file, errors naming it."
+    try: return fitsio.FITS(str(path))
+    except Exception as e: raise SurveyFileError(f'{path}: cannot open coadd ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+
+# %% ../nbs/01_survey.ipynb
+class BrickImages:
+    "A brick's coadd files (image, invvar, psfsize per band, maskbits) under a DR10-like local `base`."
+    def __init__(self, base:str|Path, # local root laid out like DR10 (`<base>/south/coadd/...`)
+                 brick:str,           # brick name
+                 bands=BANDS,         # bands to open, in stamp plane order
+                 preload:bool=False,  # decompress all files now (else read the tiles each stamp needs)
+                ):
+        self.base, self.brick, self._bands = Path(base), brick, tuple(bands)
+        self.paths = _brick_paths(self.base, brick, self._bands)
+        self.header = fits.getheader(self.paths[('image', self._bands[0])], 1)
+        self.wcs, self.shape = WCS(self.header), (self.header['NAXIS2'], self.header['NAXIS1'])
+        self._fits, self._data = {}, {}
+        try:
+            for key, p in self.paths.items():
+                if preload: self._data[key] = read_coadd(p)[0]; shape = self._data[key].shape
+                else: self._fits[key] = _open_coadd(p); shape = tuple(self._fits[key][1].get_dims())
+                if shape != self.shape: raise SurveyFileError(f'{p}: image is {shape[1]}x{shape[0]} pixels but brick {self.brick} is {self.shape[1]}x{self.shape[0]}; {REFETCH_HINT}')
+        except BaseException: self.close(); raise
+
+    @property
+    def bands(self)->tuple: return self._bands
+    def close(self):
+        "Close the open files."
+        for f in self._fits.values(): f.close()
+        self._fits = {}
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+    def __repr__(self): return f'BrickImages({self.brick!r}, bands={self._bands}, shape={self.shape}, base={str(self.base)!r})'
+
+    def pixel(self, ra:float, dec:float)->tuple[float, float]:
+        "0-based brick pixel (x, y) of (ra, dec) [deg]."
+        x, y = self.wcs.world_to_pixel_values(ra, dec)
+        return float(x), float(y)
+
+    def read(self, key:tuple, y0:int, y1:int, x0:int, x1:int)->np.ndarray:
+        "Pixels [y0:y1, x0:x1] of the file `key` = (kind, band), native-endian."
+        if key in self._data: return self._data[key][y0:y1, x0:x1]
+        try: out = self._fits[key][1][y0:y1, x0:x1]
+        except Exception as e: raise SurveyFileError(f'{self.paths[key]}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+        return out.astype(out.dtype.newbyteorder('='))
+
+    def cutout(self, ra:float, dec:float, size:int=64)->Cutout:
+        "The stamp of side `size` [pixels] whose pixel (size//2, size//2) is nearest to (ra, dec) [deg]."
+        return _cutout(self, ra, dec, size)
+
+# %% ../nbs/01_survey.ipynb
+def _cutout(self:BrickImages, ra:float, dec:float, # stamp centre [deg]
+            size:int=64,                           # stamp side [pixels]
+           )->Cutout:
+    "`BrickImages.cutout`: the stamp whose pixel (size//2, size//2) is nearest to (ra, dec)."
+    if not (np.isfinite(ra) and np.isfinite(dec)): raise ValueError(f'brick {self.brick}: position ({ra}, {dec}) is not finite')
+    x, y = self.pixel(ra, dec)
+    (x0, x1), (y0, y1) = stamp_slice(x, size), stamp_slice(y, size)
+    if x0 < 0 or y0 < 0 or x1 > self.shape[1] or y1 > self.shape[0]:
+        raise StampOffBrickError(f'brick {self.brick}: a {size}x{size} stamp at (ra, dec) = ({ra:.6f}, {dec:.6f}) centred on pixel (x, y) = ({x:.2f}, {y:.2f}) '
+                                 f'needs x {x0}:{x1}, y {y0}:{y1} but the brick has {self.shape[1]}x{self.shape[0]} pixels; '
+                                 'cut it from the brick that holds the position (brick_for_position) or drop it')
+    cube = lambda kind: np.stack([self.read((kind, b), y0, y1, x0, x1) for b in self._bands]).astype(np.float32)
+    image, invvar, psf = cube('image'), cube('invvar'), cube('psfsize')
+    return Cutout(image=image, invvar=invvar, maskbits=self.read(('maskbits', None), y0, y1, x0, x1).astype(np.int32),
+                  psfsize=psf[:, size // 2, size // 2].copy(), x_pix=x, y_pix=y, dx=nearest_pixel(x)[1], dy=nearest_pixel(y)[1],
+                  brick=self.brick, bands=self._bands, ra=float(ra), dec=float(dec))
+
+def cut_stamp(base:str|Path, brick:str, ra:float, dec:float, size:int=64, bands=BANDS)->Cutout:
+    "One stamp from a brick's coadds under `base` (opens and closes the files; use `BrickImages` for many)."
+    with BrickImages(base, brick, bands) as bi: return bi.cutout(ra, dec, size)
