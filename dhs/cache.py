@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import atomic_path, config_from_dict, is_local, local_path, provenance, uri_join
-from .survey import brick_coadd_relpaths
+from .survey import SurveyFileError, brick_coadd_relpaths, check_fits_file
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class CacheConfig:
     max_retries:int = 4              # retries of a file after its first try, for transient errors only
     backoff_s:float = 0.5            # wait before retry k (0-based) is backoff_s * 2**k * U(0.5, 1.5) [s]
     timeout_s:float = 60.0           # connect and per-read timeout of one request [s]
-    verify:str = 'size+fits'         # 'size+fits': source size, HDU1 decompresses; 'size+header': HDU1 ends inside the file; 'size'
+    verify:str = 'size+fits'         # 'size+fits': source size, HDU1 decompresses; 'size+header': the HDUs end inside the file; 'size'
     fail_fraction:float = 0.0        # largest tolerated fraction of requested files failing (404s excluded); beyond it the run stops
     storage_options:dict = field(default_factory=dict)        # fsspec options of the source, e.g. {'endpoint_url': ..., 'anon': True}
     cache_storage_options:dict = field(default_factory=dict)  # fsspec options of the cache when it is remote (s3)
@@ -64,14 +64,14 @@ def check_coadd_file(path:str|Path,            # local file to check
         raise IncompleteFileError(f'{path}: {size} bytes where the source has {expected_size} (truncated transfer?)')
     if verify == 'size' and expected_size is not None: return size   # without a source size, 'size' alone proves nothing
     if size == 0 or size % 2880: raise IncompleteFileError(f'{path}: {size} bytes is not a whole number of 2880-byte FITS blocks')
+    try: check_fits_file(path)   # every HDU ends inside the file (dhs.survey)
+    except SurveyFileError as e: raise IncompleteFileError(str(e)) from e
     try:
         with fitsio.FITS(str(path)) as f:
             n_hdu = len(f)
-            data_end = f[1].get_offsets()['data_end'] if n_hdu > 1 else 0
-            if n_hdu > 1 and data_end <= size and verify == 'size+fits': f[1].read()   # decompresses every tile
+            if n_hdu > 1 and verify == 'size+fits': f[1].read()   # decompresses every tile
     except OSError as e: raise IncompleteFileError(f'{path}: HDU1 does not read ({str(e).splitlines()[0]})') from e
     if n_hdu < 2: raise IncompleteFileError(f'{path}: no HDU1 (a DR10 coadd has an empty primary HDU and the image in HDU1)')
-    if data_end > size: raise IncompleteFileError(f'{path}: HDU1 ends at byte {data_end} but the file has {size} bytes')
     return size
 
 # %% ../nbs/22_cache.ipynb
