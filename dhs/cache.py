@@ -20,10 +20,10 @@ from .survey import SurveyFileError, brick_coadd_relpaths, check_fits_file
 log = logging.getLogger(__name__)
 
 # %% auto 0
-__all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'BRICKNAME_RE', 'CacheConfig', 'IncompleteFileError', 'check_coadd_file',
-           'classify_error', 'FetchError', 'with_retries', 'open_fs', 'cached_complete', 'CacheWriteError', 'copy_file',
-           'FailureBudget', 'cache_brick', 'CacheReport', 'write_cache_report', 'CacheError', 'check_bricknames',
-           'cache_bricks', 'manifest_bricks', 'main']
+__all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'STALE_TEMP_S', 'BRICKNAME_RE', 'CacheConfig', 'IncompleteFileError',
+           'check_coadd_file', 'classify_error', 'FetchError', 'with_retries', 'open_fs', 'cached_complete',
+           'CacheWriteError', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'CacheReport',
+           'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks', 'manifest_bricks', 'main']
 
 # %% ../nbs/22_cache.ipynb
 VERIFY_MODES = ('size+fits', 'size+header', 'size')  # what makes a copy complete (see `check_coadd_file`)
@@ -230,9 +230,21 @@ def _fetch_row(row:dict, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget)-
     if row['status'] == 'failed': budget.add()
     row['seconds'] += time.monotonic() - t0
 
+STALE_TEMP_S = 3600.0   # a temporary file not written to for this long [s] was left by a run that was killed
+
+def remove_stale_temps(folder:str|Path, max_age_s:float=STALE_TEMP_S)->int:
+    "Remove the temporary files (`dhs.core.atomic_path`'s `.<name>.*.part`) older than `max_age_s` from `folder`; how many."
+    n_removed, now = 0, time.time()
+    for p in Path(folder).glob('.*.part') if Path(folder).is_dir() else []:
+        try:
+            if now - p.stat().st_mtime > max_age_s: p.unlink(); n_removed += 1
+        except FileNotFoundError: pass   # another process took it
+    return n_removed
+
 def cache_brick(brick:str, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget|None=None)->list[dict]:
     "Copy (or find complete in the cache) the coadd files of one brick; its report rows."
     rows, budget = _rows(brick, cfg.bands), budget or FailureBudget()
+    if is_local(cfg.cache_uri): remove_stale_temps(local_path(uri_join(cfg.cache_uri, rows[0]['relpath'])).parent)
     absent = _stat_sources(rows, src_fs, cfg, budget)
     if absent is not None:
         for row in rows: row.update(status='missing', error=f'brick missing at the source: {uri_join(cfg.base_uri, absent)} not found')
