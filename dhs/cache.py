@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'STALE_TEMP_S', 'BRICKNAME_RE', 'CacheConfig', 'IncompleteFileError',
-           'check_coadd_file', 'classify_error', 'FetchError', 'with_retries', 'open_fs', 'cached_complete',
-           'CacheWriteError', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'CacheReport',
+           'CacheWriteError', 'check_coadd_file', 'classify_error', 'FetchError', 'with_retries', 'open_fs',
+           'cached_complete', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'CacheReport',
            'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks', 'manifest_bricks', 'main']
 
 # %% ../nbs/22_cache.ipynb
@@ -53,6 +53,9 @@ class CacheConfig:
 # %% ../nbs/22_cache.ipynb
 class IncompleteFileError(OSError):
     "A copy that does not match its source's size or whose HDU1 does not read: a truncated transfer, worth a retry."
+
+class CacheWriteError(Exception):
+    "The cache cannot be written: a fatal error, never to be taken for a file missing at the source."
 
 def check_coadd_file(path:str|Path,            # local file to check
                      expected_size:int|None=None, # source size [bytes]; None when the source did not say
@@ -94,6 +97,7 @@ _TRANSIENT_MODULES = ('aiohttp', 'botocore', 'urllib3', 'requests')  # their non
 
 def classify_error(exc:BaseException)->str:
     "'missing', 'transient' or 'fatal' for an exception raised while fetching a file."
+    if isinstance(exc, CacheWriteError): return 'fatal'   # the cache side, even when S3 said 404 (no such bucket)
     chain = _causes(exc)
     status = next((s for s in map(_http_status, chain) if s is not None), None)
     if status is not None:
@@ -163,9 +167,6 @@ def cached_complete(dst_fs, dest_uri:str, size:int|None, verify:str)->bool:
         log.info('cache: %s is incomplete, fetching it again (%s)', dest_uri, e); return False
 
 # %% ../nbs/22_cache.ipynb
-class CacheWriteError(Exception):
-    "The cache cannot be written (a fatal error: not to be mistaken for a file missing at the source)."
-
 def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:str='size+fits')->int:
     "Copy `src_uri` to `dest_uri` so that the destination only ever holds a complete, checked file; returns its bytes."
     if is_local(dest_uri):
@@ -178,8 +179,10 @@ def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:s
     with _local_temp() as tmp:
         src_fs.get_file(src_uri, tmp)
         n_bytes = check_coadd_file(tmp, size, verify)
-        dst_fs.put_file(tmp, dest_uri)   # an S3 object becomes visible only when its upload completes
-    uploaded = dst_fs.info(dest_uri).get('size')
+        try:
+            dst_fs.put_file(tmp, dest_uri)   # an S3 object becomes visible only when its upload completes
+            uploaded = dst_fs.info(dest_uri).get('size')
+        except FileNotFoundError as e: raise CacheWriteError(f'cannot write {dest_uri} (does the bucket exist?): {e}') from e
     if uploaded != n_bytes: raise IncompleteFileError(f'{dest_uri}: uploaded {uploaded} bytes of {n_bytes}')
     return n_bytes
 

@@ -292,3 +292,9 @@ def test_local_to_s3(sky, s3, verify):
     rep2 = cache_bricks(PRESENT[:2], cfg)
     assert (rep2.count('copied'), rep2.count('skipped')) == (1, 19)
     assert client.get_object(Bucket='dhs-cache', Key=f'{prefix}/{rels[3]}')['Body'].read() == (sky / rels[3]).read_bytes()
+
+
+def test_local_to_missing_bucket_fails_clearly(sky, s3):
+    cfg = CacheConfig(base_uri=str(sky), cache_uri='s3://no-such-bucket/cache', backoff_s=0.01, cache_storage_options=s3['options'])
+    with pytest.raises(CacheError, match=r'cannot write s3://no-such-bucket/cache/south/.*\(does the bucket exist\?\)'):
+        cache_bricks(PRESENT[:1], cfg)
