@@ -242,8 +242,7 @@ def test_local_to_local_and_cli(sky, tmp_path, capsys):
 @pytest.fixture(scope='module')
 def s3(sky):
     "A moto S3 server on 127.0.0.1 holding the mock sky under s3://dhs-sky/dr10; yields fsspec storage options."
-    pytest.importorskip('moto.server')
-    boto3 = pytest.importorskip('boto3')
+    import boto3  # test dependencies (moto[server], boto3): a missing one fails loudly rather than skipping
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
     server.start()
