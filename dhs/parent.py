@@ -231,9 +231,11 @@ def run_parent(cfg:ParentConfig, spark=None)->dict:
     sel, rad, so = cfg.selection, cfg.lens_radius_arcsec, cfg.storage_options
     cols = [f.name for f in schema.fields]
     def task(batches):
+        import dhs   # recorded: where the executors found the package (a --py-files zip on a cluster)
         for pdf in batches:
             for uri in pdf['uri']:
                 hosts, record = process_sweep(uri, sel, lenses, rad, so)
+                record['executor_dhs'] = dhs.__file__
                 rec = pd.DataFrame({c: [None] for c in cols}); rec['_record'] = json.dumps(record)
                 yield rec[cols]
                 if hosts is not None and len(hosts): yield hosts.assign(_record=None)[cols]
@@ -258,6 +260,7 @@ def _summarise(cfg, files, records, n_hosts, lens_prov, hosts, seconds)->dict:
     summary = provenance(cfg, phase='parent', n_files=len(files), n_files_read=len(ok),
                          skipped_files=[{k: r[k] for k in ('file', 'error')} for r in records if r['status'] != 'ok'],
                          counts_after_cut=total, n_hosts=int(n_hosts), n_near_known_lens=int(n_flag),
+                         executor_dhs_paths=sorted({r.get('executor_dhs', '') for r in records}),
                          seconds=round(seconds, 1), **lens_prov)
     if is_local(cfg.out_uri): write_json(summary, local_path(cfg.out_uri)/'parent_summary.json')
     else:
