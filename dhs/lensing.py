@@ -45,13 +45,17 @@ def shear_from_polar(gamma:float, # shear strength [-]
 _Q_SERIES = 1e-4  # below this 1 - q the SIE uses its series in e^2 = 1 - q^2
 
 def _sie_unit(u, v, q:float):
-    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi."
+    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi (may overwrite u and v)."
     e2 = (1 - q)*(1 + q)
     if 1 - q < _Q_SERIES:
         u2, v2 = u*u, v*v
         return u*(1 - e2*u2/3 + e2*e2*u2*u2/5), v*(1 + e2*v2/3 + e2*e2*v2*v2/5)
-    e = np.sqrt(e2)
-    return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    e = math.sqrt(e2)
+    if np.ndim(u) == 0: return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    u *= e; v *= e
+    fx, fy = np.arctan(u, out=u), np.arctanh(v, out=v)
+    fx *= 1/e; fy *= 1/e
+    return fx, fy
 
 def sie_deflection(x, y,           # image-plane position [arcsec]
                    theta_e:float,  # Einstein radius, product-average [arcsec]
@@ -82,18 +86,22 @@ def deflection(x, y,      # image-plane position [arcsec]
     return ax + sx, ay + sy
 
 def ray_shoot(x, y, lens:Lens):
-    "Source-plane position (beta_x, beta_y) [arcsec] of image-plane rays (fused, in place: the renderer's hot loop)."
-    c, s, q = math.cos(lens.phi), math.sin(lens.phi), lens.q
-    dx, dy = np.subtract(x, lens.x0, dtype=float), np.subtract(y, lens.y0, dtype=float)
-    xr, yr = c*dx, c*dy
-    xr += s*dy; yr -= s*dx
-    psi = np.sqrt((q*q)*(xr*xr) + yr*yr)
-    np.maximum(psi, 1e-300, out=psi)  # the centre: u = v = 0, zero deflection
+    "Source-plane position (beta_x, beta_y) [arcsec] of rays (x, y); float32 in, float32 out (the renderer's hot loop)."
+    x, y = np.asarray(x), np.asarray(y)
+    dt = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
+    c, s, q = math.cos(lens.phi), math.sin(lens.phi), float(lens.q)
+    dx, dy = np.subtract(x, lens.x0, dtype=dt), np.subtract(y, lens.y0, dtype=dt)
+    xr, yr, t = dx*c, dy*c, dy*s
+    xr += t; np.multiply(dx, s, out=t); yr -= t
+    psi = np.multiply(xr, xr); psi *= q*q; np.multiply(yr, yr, out=t); psi += t
+    np.sqrt(psi, out=psi); np.maximum(psi, np.finfo(dt).tiny, out=psi)  # the centre: u = v = 0, no deflection
     xr /= psi; yr /= psi
     fx, fy = _sie_unit(xr, yr, q)
-    b = lens.theta_e*math.sqrt(q)
-    bx = (1 - lens.gamma1)*dx; bx -= lens.gamma2*dy; bx -= (b*c)*fx; bx += (b*s)*fy; bx += lens.x0
-    by = (1 + lens.gamma1)*dy; by -= lens.gamma2*dx; by -= (b*s)*fx; by -= (b*c)*fy; by += lens.y0
+    b = float(lens.theta_e)*math.sqrt(q)
+    bx = dx*(1 - lens.gamma1); np.multiply(dy, lens.gamma2, out=t); bx -= t
+    np.multiply(fx, b*c, out=t); bx -= t; np.multiply(fy, b*s, out=t); bx += t; bx += lens.x0
+    by = dy*(1 + lens.gamma1); np.multiply(dx, lens.gamma2, out=t); by -= t
+    np.multiply(fx, b*s, out=t); by -= t; np.multiply(fy, b*c, out=t); by -= t; by += lens.y0
     return bx, by
 
 # %% ../nbs/10_lensing.ipynb
@@ -189,8 +197,8 @@ def _image_condition(x_src, y_src, lens:Lens, t, ct=None, st=None):
     return wx*st - wy*ct, wx*ct + wy*st
 
 def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
-                    lens:Lens, n_angle:int=1024, zoom:int=128):
-    "Images of a point source: (x, y, signed magnification) arrays, ordered by angle."
+                    lens:Lens, n_angle:int=1024, zoom:int=128, mu:bool=True):
+    "Images of a point source: (x, y, signed magnification or None if not `mu`) arrays, ordered by angle."
     t, ct, st = _unit_circle(n_angle)
     g = _image_condition(x_src, y_src, lens, t, ct, st)[0]
     a = t[np.flatnonzero(np.sign(g[:-1]) != np.sign(g[1:]))]
@@ -204,7 +212,7 @@ def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
     m, r = tt[i, k] + f*h, r0 + f*(r1 - r0)
     keep = r > 1e-9*max(lens.theta_e, 1e-12)  # w . n < 0: the antipodal ray, not an image
     xi, yi = lens.x0 + r[keep]*np.cos(m[keep]), lens.y0 + r[keep]*np.sin(m[keep])
-    return xi, yi, magnification(xi, yi, lens)
+    return xi, yi, (magnification(xi, yi, lens) if mu else None)
 
 def image_multiplicity(x_src:float, y_src:float, lens:Lens)->int:
     "Number of images of a point source."
