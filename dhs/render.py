@@ -4,11 +4,11 @@
 
 # %% ../nbs/14_render.ipynb 1
 from __future__ import annotations
-import dataclasses
+import dataclasses, math
 from functools import lru_cache
 import numpy as np
-from .lensing import Lens, check_lens, ray_shoot, image_positions, sie_deflection
-from .sources import Source, SersicSource
+from .lensing import Lens, check_lens, ray_shoot, image_positions
+from .sources import Source, SersicSource, sersic_bn, sersic_total_flux
 from .psf import gaussian_kernel, moffat_kernel, convolve
 
 # %% auto 0
@@ -40,15 +40,18 @@ def pixel_centres(n:int, pixscale:float=0.262, dx:float=0., dy:float=0.):
     return ((col - dx)*pixscale).reshape(n, n), ((row - dy)*pixscale).reshape(n, n)
 
 # %% ../nbs/14_render.ipynb
-_CHUNK = 16000
+_CHUNK_BYTES = 65536
 
 def _lensed_sb(fn, lens:Lens, x, y):
     "Source surface brightness seen along image-plane rays (x, y): (n_bands, n_points)."
-    if len(x) <= _CHUNK: return fn(*ray_shoot(x, y, lens))
-    return np.concatenate([fn(*ray_shoot(x[i:i + _CHUNK], y[i:i + _CHUNK], lens))
-                           for i in range(0, len(x), _CHUNK)], axis=-1)
+    chunk = _CHUNK_BYTES//x.itemsize
+    if len(x) <= chunk: return fn(*ray_shoot(x, y, lens))
+    n_chunks = -(-len(x)//chunk)
+    step = -(-len(x)//n_chunks)
+    return np.concatenate([fn(*ray_shoot(x[i:i + step], y[i:i + step], lens))
+                           for i in range(0, len(x), step)], axis=-1)
 
-def _pixel_means(fn, lens:Lens, x, y, idx, s_of, pixscale:float):
+def _pixel_means(fn, lens:Lens, x, y, idx, s_of, pixscale:float, dtype=np.float64):
     "Mean surface brightness over s x s midpoint sub-samples of pixels `idx` (centres x, y; s from `s_of`)."
     xs, ys, cnt, order = [], [], [], []
     for s in np.unique(s_of[idx]):
@@ -57,9 +60,9 @@ def _pixel_means(fn, lens:Lens, x, y, idx, s_of, pixscale:float):
         xs.append((x[sel, None] + ou*pixscale).ravel()); ys.append((y[sel, None] + ov*pixscale).ravel())
         cnt.append(np.full(len(sel), int(s)**2)); order.append(sel)
     cnt = np.concatenate(cnt)
-    vals = _lensed_sb(fn, lens, np.concatenate(xs), np.concatenate(ys))
+    vals = _lensed_sb(fn, lens, np.concatenate(xs).astype(dtype), np.concatenate(ys).astype(dtype))
     starts = np.concatenate([[0], np.cumsum(cnt)[:-1]])
-    return np.concatenate(order), np.add.reduceat(vals, starts, axis=-1)/cnt, int(cnt.sum())
+    return np.concatenate(order), np.add.reduceat(vals, starts, axis=-1, dtype=np.float64)/cnt, int(cnt.sum())
 
 # %% ../nbs/14_render.ipynb
 def _feature_centres(source)->list:
@@ -69,15 +72,24 @@ def _feature_centres(source)->list:
     if hasattr(source, 'x0') and hasattr(source, 'y0'): return [(source.x0, source.y0)]
     return []
 
-def _cut_peak_sb(fn, lens:Lens)->float:
-    "Largest source surface brightness on the cut (the image of the lens centre)."
-    t = np.linspace(0, 2*np.pi, 64, endpoint=False)
-    ax, ay = sie_deflection(np.cos(t), np.sin(t), lens.theta_e, lens.q, lens.phi)
-    return float(fn(lens.x0 - ax, lens.y0 - ay).sum(0).max())
+def _sersic_fn(src:SersicSource):
+    "`src.sb` [1/arcsec^2] as one fused, in-place pass that keeps float32 (the hot loop; same formula)."
+    bn, i_e = sersic_bn(src.n), 1/sersic_total_flux(1., src.r_eff, src.n)
+    c, s, x0, y0 = math.cos(src.phi), math.sin(src.phi), src.x0, src.y0
+    a, b, k = src.q/src.r_eff**2, 1/(src.q*src.r_eff**2), 0.5/src.n
+    def fn(bx, by):
+        dx, dy = bx - x0, by - y0
+        u, v, t = dx*c, dy*c, dy*s
+        u += t; u *= u; u *= a
+        np.multiply(dx, s, out=t); v -= t; v *= v; v *= b
+        u += v; np.power(u, k, out=u)  # (R / R_e)^(1/n) from R^2
+        u *= -bn; u += bn; np.exp(u, out=u); u *= i_e
+        return u[None]
+    return fn
 
 # %% ../nbs/14_render.ipynb
-def _unit_image(fn, lens:Lens, n:int, pixscale:float, dx:float, dy:float, peak_kernel, supersample=None,
-                max_supersample:int=16, tol:float=1e-3, centres=(), margin:float=0.3):
+def _unit_image(fn, lens:Lens, n:int, pixscale:float, dx:float, dy:float, peak_k1, supersample=None,
+                max_supersample:int=16, tol:float=1e-3, centres=(), margin:float=0.3, dtype=np.float32):
     "Pixel-mean surface brightness (n_bands, n, n) and the number of rays shot."
     col, row = _pixel_offsets(n)
     x, y = (col - dx)*pixscale, (row - dy)*pixscale
@@ -85,21 +97,26 @@ def _unit_image(fn, lens:Lens, n:int, pixscale:float, dx:float, dy:float, peak_k
         order, v, n_rays = _pixel_means(fn, lens, x, y, np.arange(n*n), np.full(n*n, int(supersample)), pixscale)
         return v.reshape(-1, n, n), n_rays
     cc, cr = _corner_offsets(n)
-    vals = _lensed_sb(fn, lens, np.concatenate([x, (cc - dx)*pixscale]), np.concatenate([y, (cr - dy)*pixscale]))
-    c, k = vals[:, :n*n], vals[:, n*n:].reshape(-1, n + 1, n + 1)
+    t = np.linspace(0, 2*np.pi, 64, endpoint=False)  # rays just around the lens centre land on the cut
+    ring = 1e-7*max(lens.theta_e, 1e-3)
+    vals = _lensed_sb(fn, lens, np.concatenate([x, (cc - dx)*pixscale, lens.x0 + ring*np.cos(t)]).astype(dtype),
+                      np.concatenate([y, (cr - dy)*pixscale, lens.y0 + ring*np.sin(t)]).astype(dtype))
+    m = (n + 1)**2
+    c, k, cut = vals[:, :n*n], vals[:, n*n:n*n + m].reshape(-1, n + 1, n + 1), vals[:, n*n + m:]
     m4 = (0.25*(k[:, :-1, :-1] + k[:, 1:, :-1] + k[:, :-1, 1:] + k[:, 1:, 1:])).reshape(-1, n*n)
     v, err = (2*c + m4)/3, np.abs(m4 - c).sum(0)/3
-    tol_pix = tol*max(_separable_convolve(v.sum(0).reshape(n, n), peak_kernel).max(), 1e-300)
+    v = v.astype(np.float64)
+    tol_pix = tol*max(_separable_convolve(v.sum(0).reshape(n, n), peak_k1).max(), 1e-300)
     level = np.minimum(np.ceil(np.sqrt(err/tol_pix)), max_supersample).astype(int)
     for cx, cy in centres:
-        xi, yi, _ = image_positions(cx, cy, lens)
+        xi, yi, _ = image_positions(cx, cy, lens, n_angle=512, zoom=32, mu=False)
         for px, py in zip(xi/pixscale + dx, yi/pixscale + dy):
             level[(np.abs(col - px) < 0.5 + margin) & (np.abs(row - py) < 0.5 + margin)] = max_supersample
-    near = (np.abs(col - lens.x0/pixscale - dx) < 1) & (np.abs(row - lens.y0/pixscale - dy) < 1)
-    if near.any() and _cut_peak_sb(fn, lens) > tol_pix: level[near] = max_supersample
-    idx, n_rays = np.flatnonzero(level > 1), len(vals[0])
+    if cut.sum(0).max() > tol_pix:
+        level[(np.abs(col - lens.x0/pixscale - dx) < 1) & (np.abs(row - lens.y0/pixscale - dy) < 1)] = max_supersample
+    idx, n_rays = np.flatnonzero(level > 1), vals.shape[1]
     if len(idx):
-        order, means, m = _pixel_means(fn, lens, x, y, idx, level, pixscale)
+        order, means, m = _pixel_means(fn, lens, x, y, idx, level, pixscale, dtype)
         v[:, order], n_rays = means, n_rays + m
     return v.reshape(-1, n, n), n_rays
 
@@ -159,7 +176,9 @@ def render_lensed(source,                 # source object with sb(x, y) [1/arcse
     if len(kernels) != len(fluxes):
         raise ValueError(f'{len(fluxes)} band fluxes but {len(kernels)} PSFs: give one PSF FWHM (or kernel) per band')
     achromatic = _is_achromatic(source)
-    fn = (lambda bx, by: source.sb(bx, by)[None]) if achromatic else (lambda bx, by: source.sb_bands(bx, by, fluxes))
+    if isinstance(source, SersicSource): fn = _sersic_fn(source)
+    elif achromatic: fn = lambda bx, by: source.sb(bx, by)[None]
+    else: fn = lambda bx, by: source.sb_bands(bx, by, fluxes)
     separable = psf_kernels is None and psf == 'gaussian'
     peak_k = max(kernels, key=lambda k: k.max())
     centres = _feature_centres(source)
