@@ -85,24 +85,35 @@ def deflection(x, y,      # image-plane position [arcsec]
     sx, sy = shear_deflection(x, y, lens.gamma1, lens.gamma2, lens.x0, lens.y0)
     return ax + sx, ay + sy
 
+def _ray_core(dx, dy, c, s, q, e, b, g1, g2):
+    "Source position relative to the lens centre of rays at (dx, dy) from it; constants scalar or broadcastable, e > 0."
+    xr, yr, t = dx*c, dy*c, dy*s
+    xr += t; np.multiply(dx, s, out=t); yr -= t
+    psi = np.multiply(xr, xr); psi *= q*q; np.multiply(yr, yr, out=t); psi += t
+    np.sqrt(psi, out=psi); np.maximum(psi, np.finfo(psi.dtype).tiny, out=psi)  # the centre: no deflection
+    np.divide(e, psi, out=psi); xr *= psi; yr *= psi
+    np.arctan(xr, out=xr); np.arctanh(yr, out=yr)  # b/e (arctan, artanh) of e (x, y)/psi
+    f = b/e
+    bx = dx*(1 - g1); np.multiply(dy, g2, out=t); bx -= t
+    np.multiply(xr, f*c, out=t); bx -= t; np.multiply(yr, f*s, out=t); bx += t
+    by = dy*(1 + g1); np.multiply(dx, g2, out=t); by -= t
+    np.multiply(xr, f*s, out=t); by -= t; np.multiply(yr, f*c, out=t); by -= t
+    return bx, by
+
 def ray_shoot(x, y, lens:Lens):
     "Source-plane position (beta_x, beta_y) [arcsec] of rays (x, y); float32 in, float32 out (the renderer's hot loop)."
     x, y = np.asarray(x), np.asarray(y)
     dt = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
-    c, s, q = math.cos(lens.phi), math.sin(lens.phi), float(lens.q)
     dx, dy = np.subtract(x, lens.x0, dtype=dt), np.subtract(y, lens.y0, dtype=dt)
-    xr, yr, t = dx*c, dy*c, dy*s
-    xr += t; np.multiply(dx, s, out=t); yr -= t
-    psi = np.multiply(xr, xr); psi *= q*q; np.multiply(yr, yr, out=t); psi += t
-    np.sqrt(psi, out=psi); np.maximum(psi, np.finfo(dt).tiny, out=psi)  # the centre: u = v = 0, no deflection
-    xr /= psi; yr /= psi
-    fx, fy = _sie_unit(xr, yr, q)
+    c, s, q, g1, g2 = math.cos(lens.phi), math.sin(lens.phi), float(lens.q), float(lens.gamma1), float(lens.gamma2)
     b = float(lens.theta_e)*math.sqrt(q)
-    bx = dx*(1 - lens.gamma1); np.multiply(dy, lens.gamma2, out=t); bx -= t
-    np.multiply(fx, b*c, out=t); bx -= t; np.multiply(fy, b*s, out=t); bx += t; bx += lens.x0
-    by = dy*(1 + lens.gamma1); np.multiply(dx, lens.gamma2, out=t); by -= t
-    np.multiply(fx, b*s, out=t); by -= t; np.multiply(fy, b*c, out=t); by -= t; by += lens.y0
-    return bx, by
+    if 1 - q >= _Q_SERIES:
+        bx, by = _ray_core(dx, dy, c, s, q, math.sqrt((1 - q)*(1 + q)), b, g1, g2)
+        return bx + lens.x0, by + lens.y0
+    xr, yr = c*dx + s*dy, c*dy - s*dx  # nearly round: the series of _sie_unit
+    psi = np.maximum(np.sqrt(q*q*xr*xr + yr*yr), np.finfo(dt).tiny)
+    fx, fy = _sie_unit(xr/psi, yr/psi, q)
+    return (lens.x0 + (1 - g1)*dx - g2*dy - b*(c*fx - s*fy), lens.y0 + (1 + g1)*dy - g2*dx - b*(s*fx + c*fy))
 
 # %% ../nbs/10_lensing.ipynb
 def hessian(x, y, lens:Lens):
