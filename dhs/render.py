@@ -35,7 +35,7 @@ def _sub_table(s_max:int=64):
     start = np.concatenate([[0], np.cumsum(np.arange(s_max + 1)**2)])
     u = np.concatenate([np.tile((np.arange(s) + 0.5)/s - 0.5, s) for s in range(1, s_max + 1)])
     v = np.concatenate([np.repeat((np.arange(s) + 0.5)/s - 0.5, s) for s in range(1, s_max + 1)])
-    return u, v, start
+    return u.astype(np.float32), v.astype(np.float32), start
 
 def pixel_centres(n:int, pixscale:float=0.262, dx:float=0., dy:float=0.):
     "Angular positions (x, y) [arcsec] of the pixel centres of an n x n stamp, each (n, n)."
@@ -109,36 +109,48 @@ def _near_pixels(px, py, half:float, n:int):
     return np.concatenate(out_i), np.concatenate(out_p)
 
 # %% ../nbs/14_render.ipynb
-def _refine_rays(level_b, idx, dx:float, dy:float, x0:float, y0:float, p:float):
-    "Sub-sample rays (relative to the lens centre, float32) of pixels idx at their levels, and the segment starts."
-    col, row = _pixel_offsets(int(round(np.sqrt(len(level_b)))))
+@lru_cache(maxsize=16)
+def _offsets32(n:int):
+    "float32 pixel centres (col, row) and coarse offsets with 64 unit-circle points appended (for the cut rays)."
+    col, row = _pixel_offsets(n); offx, offy = _coarse_offsets(n)
+    t = np.linspace(0, 2*np.pi, 64, endpoint=False)
+    return (col.astype(_F), row.astype(_F), np.concatenate([offx, np.cos(t)]).astype(_F),
+            np.concatenate([offy, np.sin(t)]).astype(_F), len(offx))
+
+def _refine_rays(level_b, idx, shift_x:float, shift_y:float, p:float, n:int):
+    "Sub-sample rays (float32, relative to the lens centre) of pixels idx at their levels, and the segment starts."
+    col, row = _offsets32(n)[:2]
     s = level_b[idx]; cnt = s*s; ends = np.cumsum(cnt); starts = ends - cnt
     tu, tv, tstart = _sub_table()
     pid = np.repeat(np.arange(len(idx)), cnt)
     k = np.arange(ends[-1]) + (tstart[s] - starts)[pid]
-    return ((col[idx][pid] + tu[k] - dx)*p - x0).astype(_F), ((row[idx][pid] + tv[k] - dy)*p - y0).astype(_F), starts, cnt
+    X = col[idx][pid]; X += tu[k]; X *= p; X -= shift_x
+    Y = row[idx][pid]; Y += tv[k]; Y *= p; Y -= shift_y
+    return X, Y, starts, cnt
 
-def _coarse(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, tol:float):
+def _coarse(evaluate, lc:dict, L, n:int, p:float, shift_x, shift_y, peak_T, tol:float):
     "First pass: Simpson estimates (B, n_bands, n*n), their error (B, n*n), tolerance (B,), cut brightness (B,)."
-    offx, offy = _coarse_offsets(n)
-    t = np.linspace(0, 2*np.pi, 64, endpoint=False)
-    rho = 1e-7*np.maximum(L[:, 0], 1e-3)[:, None]  # rays a hair from the lens centre land on the cut
-    X = np.concatenate([(offx - dx[:, None])*p - L[:, 5:6], rho*np.cos(t)], axis=1).astype(_F)
-    Y = np.concatenate([(offy - dy[:, None])*p - L[:, 6:7], rho*np.sin(t)], axis=1).astype(_F)
-    vals = evaluate(*_ray_core(X, Y, **lc), None)  # (B, n_bands, rays)
+    _, _, ox, oy, m0 = _offsets32(n)
     B, m = len(L), (n + 1)**2
+    X, Y = np.empty((B, len(ox)), _F), np.empty((B, len(ox)), _F)
+    np.subtract(ox[:m0]*_F(p), shift_x[:, None], out=X[:, :m0]); np.subtract(oy[:m0]*_F(p), shift_y[:, None], out=Y[:, :m0])
+    rho = (1e-7*np.maximum(L[:, 0], 1e-3))[:, None].astype(_F)  # rays a hair from the lens centre land on the cut
+    np.multiply(ox[m0:], rho, out=X[:, m0:]); np.multiply(oy[m0:], rho, out=Y[:, m0:])
+    vals = evaluate(*_ray_core(X, Y, **lc), None)  # (B, n_bands, rays)
     c, k, cut = vals[..., :n*n], vals[..., n*n:n*n + m].reshape(B, -1, n + 1, n + 1), vals[..., n*n + m:]
-    m4 = (0.25*(k[..., :-1, :-1] + k[..., 1:, :-1] + k[..., :-1, 1:] + k[..., 1:, 1:])).reshape(B, -1, n*n)
-    v, err = ((2*c + m4)/3).astype(np.float64), np.abs(m4 - c).sum(1)/3
-    tot = v.sum(1).reshape(B, n, n)
-    tol_pix = tol*np.maximum((peak_T @ tot @ peak_T.transpose(0, 2, 1)).max((1, 2)), 1e-300)
-    return v, err, tol_pix, cut.sum(1).max(1), X.shape[1]
+    m4 = k[..., :-1, :-1] + k[..., 1:, :-1]; m4 += k[..., :-1, 1:]; m4 += k[..., 1:, 1:]; m4 *= 0.25
+    m4 = m4.reshape(B, -1, n*n)
+    err = np.abs(m4 - c).sum(1)/3
+    v = c*2; v += m4; v *= 1/3
+    tol_pix = tol*np.maximum((peak_T @ v.sum(1).reshape(B, n, n) @ peak_T.transpose(0, 2, 1)).max((1, 2)), 1e-300)
+    return v, err, tol_pix, cut.sum(1).max(1), len(ox)
 
 # %% ../nbs/14_render.ipynb
 def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, supersample=None,
                  max_supersample:int=16, tol:float=1e-3, margin:float=0.3, max_rays:int=2**20):
     "Pixel-mean surface brightness (B, n_bands, n, n), rays per stamp (B,), images of the first centre (B,)."
     B, x0, y0 = len(L), L[:, 5], L[:, 6]
+    shift_x, shift_y = (dx*p + x0).astype(_F), (dy*p + y0).astype(_F)  # ray = offset * p - shift, from the lens centre
     mult, v, n_rays = np.zeros(B, int), None, np.zeros(B, int)
     if centres is not None:
         cfg, cxs, cys, first = centres
@@ -146,7 +158,7 @@ def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, 
         mult = np.bincount(cfg[rows][first[rows]], minlength=B)
     if supersample is not None: level = np.full((B, n*n), int(supersample))
     else:
-        v, err, tol_pix, cut, n0 = _coarse(evaluate, lc, L, n, p, dx, dy, peak_T, tol)
+        v, err, tol_pix, cut, n0 = _coarse(evaluate, lc, L, n, p, shift_x, shift_y, peak_T, tol)
         level, n_rays = np.minimum(np.ceil(np.sqrt(err/tol_pix[:, None])), max_supersample).astype(int), n_rays + n0
         if centres is not None and len(rows):
             b = cfg[rows]
@@ -160,12 +172,12 @@ def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, 
         while len(todo):  # in pieces of at most max_rays rays
             idx = todo[:max(1, np.searchsorted(np.cumsum(level[b, todo]**2), max_rays))]
             todo = todo[len(idx):]
-            X, Y, starts, cnt = _refine_rays(level[b], idx, dx[b], dy[b], x0[b], y0[b], p)
+            X, Y, starts, cnt = _refine_rays(level[b], idx, float(shift_x[b]), float(shift_y[b]), p, n)
             vals = evaluate(*_ray_core(X, Y, **_take(lc, b)), b)  # (n_bands, rays)
-            if v is None: v = np.zeros((B, vals.shape[0], n*n))
+            if v is None: v = np.zeros((B, vals.shape[0], n*n), _F)
             v[b][:, idx] = np.add.reduceat(vals, starts, axis=-1, dtype=np.float64)/cnt
             n_rays[b] += len(X)
-    return v.reshape(B, -1, n, n), n_rays, mult
+    return v.reshape(B, -1, n, n).astype(np.float64), n_rays, mult
 
 # %% ../nbs/14_render.ipynb
 @lru_cache(maxsize=32)
@@ -283,7 +295,7 @@ def render_lensed_batch(sources:list,          # B sources with sb(x, y) [1/arcs
                         tol:float=1e-3,        # adaptive: target error per pixel, relative to the convolved peak
                         moffat_beta:float=3.5,
                         psf_kernels=None,      # B lists of per-band kernels (odd-sized, centred), overriding `psf`
-                        batch:int=32,          # stamps per vectorised group
+                        batch:int=8,           # stamps per vectorised group (8 keeps the arrays in cache)
                        )->list:
     "Render B lensed sources into N x N stamps per band, each convolved with its bands' PSFs: a list of `RenderResult`."
     B = len(lenses)
