@@ -4,8 +4,8 @@
 
 # %% ../nbs/01_survey.ipynb 1
 from __future__ import annotations
-import gzip, io, math, os, warnings
-from dataclasses import dataclass, field
+import gzip, io, math
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -22,7 +22,8 @@ __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER
            'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
            'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
            'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
-           'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep']
+           'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout',
+           'nearest_pixel', 'stamp_slice', 'StampOffBrickError', 'BrickImages', 'cut_stamp']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -393,3 +394,122 @@ def read_sweep(path:str|Path,                 # sweep file (DR10 or mock)
               )->pd.DataFrame:
     "Read a sweep into a native-endian DataFrame, upper-case names, TYPE/BRICKNAME as stripped str."
     return read_fits_table(path, columns, ext=1, what='sweep catalogue')
+
+# %% ../nbs/01_survey.ipynb
+@dataclass(eq=False)  # arrays inside: compare fields explicitly
+class Cutout:
+    "A g,r,z stamp of a brick's coadds around a position, with its sub-pixel offset."
+    image: np.ndarray     # (nb, N, N) float32 [nanomaggies/pixel]
+    invvar: np.ndarray    # (nb, N, N) float32 [1/nanomaggy^2]
+    maskbits: np.ndarray  # (N, N) int32 DR10 MASKBITS
+    psfsize: np.ndarray   # (nb,) float32 psfsize map at the stamp centre pixel [arcsec]
+    x_pix: float          # 0-based brick x pixel of the position (astropy WCS)
+    y_pix: float          # 0-based brick y pixel of the position
+    dx: float             # x_pix - round(x_pix), in [-0.5, 0.5) [pixels]
+    dy: float             # y_pix - round(y_pix), in [-0.5, 0.5) [pixels]
+    brick: str = ''       # brick the stamp was cut from
+    bands: tuple = BANDS  # band of each image plane
+    ra: float = float('nan')   # requested position [deg]
+    dec: float = float('nan')
+
+    @property
+    def size(self)->int: return self.image.shape[-1]
+    @property
+    def bad(self)->np.ndarray:
+        "(nb, N, N) True where a pixel is masked (`bad_pixel_mask`)."
+        return bad_pixel_mask(self.maskbits, self.invvar)
+
+# %% ../nbs/01_survey.ipynb
+def nearest_pixel(p:float)->tuple[int, float]:
+    "(nearest pixel, offset in [-0.5, 0.5)) of a 0-based pixel coordinate; .5 rounds up."
+    n = int(math.floor(p + 0.5))
+    return n, p - n
+
+def stamp_slice(p:float, size:int)->tuple[int, int]:
+    "[start, stop) brick pixels of a stamp of `size` whose pixel size//2 is the one nearest to `p`."
+    n, _ = nearest_pixel(p)
+    return n - size // 2, n - size // 2 + size
+
+# %% ../nbs/01_survey.ipynb
+class StampOffBrickError(ValueError):
+    "A requested stamp does not fit inside the brick's pixels."
+
+def _brick_paths(base:Path, brick:str, bands)->dict:
+    "{(kind, band): path} of a brick's coadd files under `base`, checked to exist and be complete."
+    paths = {(k, b): base/coadd_relpath(brick, k, b) for k in COADD_KINDS_PER_BAND for b in bands}
+    paths[('maskbits', None)] = base/coadd_relpath(brick, 'maskbits')
+    for p in paths.values(): check_fits_file(p)
+    return paths
+
+def _open_coadd(path:Path):
+    "fitsio handle of a coadd file, errors naming it."
+    try: return fitsio.FITS(str(path))
+    except Exception as e: raise SurveyFileError(f'{path}: cannot open coadd ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+
+# %% ../nbs/01_survey.ipynb
+class BrickImages:
+    "A brick's coadd files (image, invvar, psfsize per band, maskbits) under a DR10-like local `base`."
+    def __init__(self, base:str|Path, # local root laid out like DR10 (`<base>/south/coadd/...`)
+                 brick:str,           # brick name
+                 bands=BANDS,         # bands to open, in stamp plane order
+                 preload:bool=False,  # decompress all files now (else read the tiles each stamp needs)
+                ):
+        self.base, self.brick, self._bands = Path(base), brick, tuple(bands)
+        self.paths = _brick_paths(self.base, brick, self._bands)
+        self.header = fits.getheader(self.paths[('image', self._bands[0])], 1)
+        self.wcs, self.shape = WCS(self.header), (self.header['NAXIS2'], self.header['NAXIS1'])
+        self._fits, self._data = {}, {}
+        try:
+            for key, p in self.paths.items():
+                if preload: self._data[key] = read_coadd(p)[0]; shape = self._data[key].shape
+                else: self._fits[key] = _open_coadd(p); shape = tuple(self._fits[key][1].get_dims())
+                if shape != self.shape: raise SurveyFileError(f'{p}: image is {shape[1]}x{shape[0]} pixels but brick {self.brick} is {self.shape[1]}x{self.shape[0]}; {REFETCH_HINT}')
+        except BaseException: self.close(); raise
+
+    @property
+    def bands(self)->tuple: return self._bands
+    def close(self):
+        "Close the open files."
+        for f in self._fits.values(): f.close()
+        self._fits = {}
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+    def __repr__(self): return f'BrickImages({self.brick!r}, bands={self._bands}, shape={self.shape}, base={str(self.base)!r})'
+
+    def pixel(self, ra:float, dec:float)->tuple[float, float]:
+        "0-based brick pixel (x, y) of (ra, dec) [deg]."
+        x, y = self.wcs.world_to_pixel_values(ra, dec)
+        return float(x), float(y)
+
+    def read(self, key:tuple, y0:int, y1:int, x0:int, x1:int)->np.ndarray:
+        "Pixels [y0:y1, x0:x1] of the file `key` = (kind, band), native-endian."
+        if key in self._data: return self._data[key][y0:y1, x0:x1]
+        try: out = self._fits[key][1][y0:y1, x0:x1]
+        except Exception as e: raise SurveyFileError(f'{self.paths[key]}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+        return out.astype(out.dtype.newbyteorder('='))
+
+    def cutout(self, ra:float, dec:float, size:int=64)->Cutout:
+        "The stamp of side `size` [pixels] whose pixel (size//2, size//2) is nearest to (ra, dec) [deg]."
+        return _cutout(self, ra, dec, size)
+
+# %% ../nbs/01_survey.ipynb
+def _cutout(self:BrickImages, ra:float, dec:float, # stamp centre [deg]
+            size:int=64,                           # stamp side [pixels]
+           )->Cutout:
+    "`BrickImages.cutout`: the stamp whose pixel (size//2, size//2) is nearest to (ra, dec)."
+    if not (np.isfinite(ra) and np.isfinite(dec)): raise ValueError(f'brick {self.brick}: position ({ra}, {dec}) is not finite')
+    x, y = self.pixel(ra, dec)
+    (x0, x1), (y0, y1) = stamp_slice(x, size), stamp_slice(y, size)
+    if x0 < 0 or y0 < 0 or x1 > self.shape[1] or y1 > self.shape[0]:
+        raise StampOffBrickError(f'brick {self.brick}: a {size}x{size} stamp at (ra, dec) = ({ra:.6f}, {dec:.6f}) centred on pixel (x, y) = ({x:.2f}, {y:.2f}) '
+                                 f'needs x {x0}:{x1}, y {y0}:{y1} but the brick has {self.shape[1]}x{self.shape[0]} pixels; '
+                                 'cut it from the brick that holds the position (brick_for_position) or drop it')
+    cube = lambda kind: np.stack([self.read((kind, b), y0, y1, x0, x1) for b in self._bands]).astype(np.float32)
+    image, invvar, psf = cube('image'), cube('invvar'), cube('psfsize')
+    return Cutout(image=image, invvar=invvar, maskbits=self.read(('maskbits', None), y0, y1, x0, x1).astype(np.int32),
+                  psfsize=psf[:, size // 2, size // 2].copy(), x_pix=x, y_pix=y, dx=nearest_pixel(x)[1], dy=nearest_pixel(y)[1],
+                  brick=self.brick, bands=self._bands, ra=float(ra), dec=float(dec))
+
+def cut_stamp(base:str|Path, brick:str, ra:float, dec:float, size:int=64, bands=BANDS)->Cutout:
+    "One stamp from a brick's coadds under `base` (opens and closes the files; use `BrickImages` for many)."
+    with BrickImages(base, brick, bands) as bi: return bi.cutout(ra, dec, size)
