@@ -24,15 +24,20 @@ from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convo
 __all__ = ['EXTINCTION_COEFFS', 'DEPTH_MEDIAN_MAG', 'MOFFAT_BETA', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC',
            'GALDEPTH_REFF_ARCSEC', 'RELEASE', 'W_SIGMA_NMGY', 'SATURATION_NMGY', 'CONTAMINANT_KINDS', 'FIELD_KINDS',
            'PIX', 'BRICK_PLAN_COLUMNS', 'DEPTH_MIXTURE', 'PSF_BAND_RATIO', 'TRUTH_DEFAULTS', 'CATALOGUED_CLASSES',
-           'FIELD_MIX', 'FIELD_TYPE', 'SPIRAL_COLOURS', 'MockSkyConfig', 'lenscat_lenses', 'brick_pixel_offsets',
-           'choose_lenses', 'lens_brick_pixels', 'plan_bricks', 'gaussian_nea_pix', 'depth_mag_to_ivar',
-           'ivar_to_depth_mag', 'BrickConditions', 'draw_conditions', 'smooth_factor', 'coverage_mask', 'BrickMaps',
-           'draw_maps', 'arc_sb', 'arc_outer_radius', 'spiral_modulation', 'sersic_truncation', 'component_sb',
-           'pixelise', 'psf_kernel', 'fiber_kernel', 'moffat_truncation', 'kernel_radius_pix', 'render_point_source',
-           'component_extent', 'aperture_weights', 'fiber_fraction', 'dev_fiber_fraction', 'galaxy_nea_pix',
-           'desi_lrg_south', 'truth_frame', 'draw_lrg_hosts', 'draw_field_galaxies', 'draw_stars', 'draw_contaminants',
-           'draw_lensed_source', 'draw_brick_objects', 'object_components', 'ObjectStamp', 'render_object',
-           'transmission', 'render_model']
+           'FIELD_MIX', 'FIELD_TYPE', 'SPIRAL_COLOURS', 'HASH_EXCLUDED', 'MOCK_SIZES', 'MockSkyConfig',
+           'lenscat_lenses', 'brick_pixel_offsets', 'choose_lenses', 'lens_brick_pixels', 'plan_bricks',
+           'gaussian_nea_pix', 'depth_mag_to_ivar', 'ivar_to_depth_mag', 'BrickConditions', 'draw_conditions',
+           'smooth_factor', 'coverage_mask', 'BrickMaps', 'draw_maps', 'arc_sb', 'arc_outer_radius',
+           'spiral_modulation', 'sersic_truncation', 'component_sb', 'pixelise', 'psf_kernel', 'fiber_kernel',
+           'moffat_truncation', 'kernel_radius_pix', 'render_point_source', 'component_extent', 'aperture_weights',
+           'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction', 'galaxy_nea_pix', 'desi_lrg_south', 'truth_frame',
+           'draw_lrg_hosts', 'draw_field_galaxies', 'draw_stars', 'draw_contaminants', 'draw_lensed_source',
+           'draw_brick_objects', 'object_components', 'ObjectStamp', 'render_object', 'transmission', 'render_model',
+           'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images', 'forced_photometry', 'annotate_truth',
+           'sweep_table', 'render_lensed_source', 'add_lensed_sources', 'brick_hash', 'brick_work_paths',
+           'SimulatedBrick', 'simulate_brick', 'parquet_meta', 'brick_summary', 'write_brick', 'brick_complete',
+           'make_brick', 'write_sweeps', 'gather_mock_sky', 'sky_counts', 'generate_mock_sky', 'mock_sky_config',
+           'main']
 
 # %% ../nbs/05_mocksky.ipynb
 EXTINCTION_COEFFS = dict(G=3.214, R=2.165, I=1.592, Z=1.211, W1=0.184, W2=0.113, W3=0.0241, W4=0.00910)  # A_b / E(B-V)
@@ -333,7 +338,8 @@ def _add_clipped(target:np.ndarray, stamp:np.ndarray, y0:int, x0:int, weight:flo
     h, w = stamp.shape[-2:]
     ty0, tx0, ty1, tx1 = max(y0, 0), max(x0, 0), min(y0 + h, target.shape[-2]), min(x0 + w, target.shape[-1])
     if ty1 <= ty0 or tx1 <= tx0: return
-    target[..., ty0:ty1, tx0:tx1] += weight * stamp[..., ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+    src = stamp[..., ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+    target[..., ty0:ty1, tx0:tx1] += src if weight == 1 else weight * src
 
 def _window(a:np.ndarray, y0:int, x0:int, h:int, w:int, fill=0)->np.ndarray:
     "Copy of a[..., y0:y0+h, x0:x0+w], padded with `fill` outside a's edges."
@@ -369,11 +375,16 @@ def aperture_weights(dx:float, dy:float, half:int, radius_arcsec:float, ss:int=8
     X, Y = _subpixel_grid(half, ss, dx, dy)
     return (np.hypot(X, Y) < radius_arcsec).reshape(n, ss, n, ss).mean((1, 3))
 
+def aperture_sum(img:np.ndarray, iy:int, ix:int, dx:float, dy:float, radius_arcsec:float=FIBER_RADIUS_ARCSEC)->float:
+    "Sum of `img` in a circle of `radius_arcsec` around pixel (iy, ix) + offset (dx, dy) [pixels], zero beyond the edges."
+    h = int(np.ceil(radius_arcsec / PIX)) + 1
+    return float((_window(img, iy - h, ix - h, 2 * h + 1, 2 * h + 1) * aperture_weights(dx, dy, h, radius_arcsec)).sum())
+
 def fiber_fraction(components:list, dx:float=0.0, dy:float=0.0, ss:int=4)->float:
     "Fraction of a (single-band) object's flux in a 1.5\"-diameter fibre under 1\" Gaussian seeing."
     half = int(np.ceil(max(component_extent(k, p) for k, p, _ in components) / PIX)) + 6
     fib = convolve(pixelise(components, dx, dy, half, ss)[0], fiber_kernel())
-    return float((fib * aperture_weights(dx, dy, half, FIBER_RADIUS_ARCSEC)).sum() / fib.sum())
+    return aperture_sum(fib, half, half, dx, dy) / fib.sum()
 
 # %% ../nbs/05_mocksky.ipynb
 @lru_cache(maxsize=1)
@@ -428,10 +439,11 @@ TRUTH_DEFAULTS = dict(  # column -> default of the truth table
 CATALOGUED_CLASSES = ('lrg', 'star', 'bright_star', 'merger', 'companion') + FIELD_KINDS
 
 def truth_frame(df:pd.DataFrame)->pd.DataFrame:
-    "`df` with every truth column (defaults filled) in the standard order, extra columns kept after them."
+    "`df` with every truth column (missing values filled with the defaults) in the standard order, extra columns after them."
     out = df.copy()
     for k, v in TRUTH_DEFAULTS.items():
         if k not in out: out[k] = v
+        elif not (isinstance(v, float) and np.isnan(v)): out[k] = out[k].fillna(v).astype(type(v))
     return out[list(TRUTH_DEFAULTS) + [c for c in out.columns if c not in TRUTH_DEFAULTS]].reset_index(drop=True)
 
 def _powerlaw_mag(rng:np.random.Generator, n:int, lo:float, hi:float, slope:float)->np.ndarray:
@@ -622,7 +634,7 @@ def draw_brick_objects(rng:np.random.Generator, cfg:MockSkyConfig, brick:dict, w
     base = pd.concat([_base_objects(rng, cfg, npix, maps), _lens_host(rng, brick, wcs)], ignore_index=True)
     base['truth_id'] = np.arange(len(base))
     extra = [draw_contaminants(rng, base[base.cls == 'lrg'], cfg)]
-    extra += [draw_lensed_source(rng, h, cfg) for _, h in base[base.is_lens.fillna(False).astype(bool)].iterrows()]
+    extra += [draw_lensed_source(rng, h, cfg) for _, h in base[base.get('is_lens', pd.Series(False, index=base.index)).fillna(False).astype(bool)].iterrows()]
     t = truth_frame(pd.concat([base] + extra, ignore_index=True))
     t['truth_id'], t['brickname'] = np.arange(len(t)), brick['BRICKNAME']
     t['primary'] = t.x.between(m - 0.5, npix - m - 0.5) & t.y.between(m - 0.5, npix - m - 0.5)
@@ -681,7 +693,7 @@ def render_object(row, flux, psfsize, sigma_pix, with_fiber:bool)->ObjectStamp:
         intr = pixelise(comps, dx, dy, half, _ss_for(row.r_eff if row.r_eff > 0 else row.feat_width))
         psf = np.stack([convolve(intr[b], psf_kernel(p)) for b, p in enumerate(psfsize)])
         fib = convolve(intr[2], fiber_kernel()) if with_fiber else None
-    own = float((fib * aperture_weights(dx, dy, half, FIBER_RADIUS_ARCSEC)).sum()) if with_fiber else 0.0
+    own = aperture_sum(fib, half, half, dx, dy) if with_fiber else 0.0
     return ObjectStamp(iy - half, ix - half, psf, flux, fib, own)
 
 # %% ../nbs/05_mocksky.ipynb
@@ -709,3 +721,340 @@ def render_model(truth:pd.DataFrame, maps:BrickMaps, cond:BrickConditions)->tupl
         if o.fiber is not None: _add_clipped(fiber, o.fiber, o.y0, o.x0)
         stamps[i] = o
     return model, fiber, stamps
+
+# %% ../nbs/05_mocksky.ipynb
+def bright_star_radius_arcsec(mag)->np.ndarray:
+    "Masking radius [arcsec] of legacypipe's `mask_radius_for_mag`: 1630\" x 1.396^-mag (MEDIUM; BRIGHT is half)."
+    return 1630.0 * 1.396 ** (-np.asarray(mag, float))
+
+def draw_bad_regions(rng:np.random.Generator, npix:int, mean:float)->list[tuple]:
+    "Bad (y0, y1, x0, x1) boxes of one band: Poisson(`mean`) columns (1-3 px wide) or blocks (8-40 px)."
+    out = []
+    for _ in range(rng.poisson(mean)):
+        if rng.uniform() < 0.5:
+            x0, w = int(rng.integers(0, npix)), int(rng.integers(1, 4))
+            L = npix if rng.uniform() < 0.5 else int(rng.uniform(0.2, 1.0) * npix)
+            y0 = int(rng.integers(0, npix - L + 1)); out.append((y0, y0 + L, x0, min(x0 + w, npix)))
+        else:
+            s = int(rng.integers(8, 41)); y0, x0 = (int(v) for v in rng.integers(0, max(npix - s, 1), 2))
+            out.append((y0, y0 + s, x0, x0 + s))
+    return out
+
+# %% ../nbs/05_mocksky.ipynb
+def _disc(maskbits:np.ndarray, x:float, y:float, radius_pix:float, bit:int):
+    "Set `bit` in maskbits within radius_pix of (x, y) [pixels] (in place)."
+    P = maskbits.shape[0]
+    y0, y1 = max(int(y - radius_pix), 0), min(int(y + radius_pix) + 2, P)
+    x0, x1 = max(int(x - radius_pix), 0), min(int(x + radius_pix) + 2, P)
+    if y1 <= y0 or x1 <= x0: return
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    maskbits[y0:y1, x0:x1] |= np.where((xx - x) ** 2 + (yy - y) ** 2 <= radius_pix ** 2, np.int32(1 << bit), np.int32(0))
+
+def make_images(rng:np.random.Generator, model:np.ndarray, maps:BrickMaps, truth:pd.DataFrame, cfg:MockSkyConfig
+               )->tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(image, invvar, maskbits) of a brick: noise from invvar, bad regions, saturation, bright-star and NPRIMARY masks."
+    P, m = model.shape[-1], cfg.primary_margin_pix
+    invvar, maskbits = maps.invvar.copy(), np.zeros((P, P), np.int32)
+    for b, band in enumerate(BANDS):
+        for y0, y1, x0, x1 in draw_bad_regions(rng, P, cfg.bad_regions_per_band):
+            invvar[b, y0:y1, x0:x1] = 0; maskbits[y0:y1, x0:x1] |= 1 << MASKBITS[f'ALLMASK_{band.upper()}']
+    noise = rng.standard_normal((3, P, P), dtype=np.float32) / np.sqrt(np.where(invvar > 0, invvar, 1))
+    image = np.where(invvar > 0, model + noise, 0).astype(np.float32)
+    for b, band in enumerate(BANDS):
+        sat = image[b] > SATURATION_NMGY[band]
+        image[b][sat] = SATURATION_NMGY[band]; maskbits[sat] |= 1 << MASKBITS[f'SATUR_{band.upper()}']
+    for s in truth[(truth.gaia_g > 0) & (truth.gaia_g < 16)].itertuples():
+        R = bright_star_radius_arcsec(s.gaia_g) / PIX
+        _disc(maskbits, s.x, s.y, R, MASKBITS['MEDIUM'])
+        if s.gaia_g < 13: _disc(maskbits, s.x, s.y, R / 2, MASKBITS['BRIGHT'])
+    inner = np.zeros((P, P), bool); inner[m:P - m, m:P - m] = True
+    maskbits[~inner] |= 1 << MASKBITS['NPRIMARY']
+    return image, invvar.astype(np.float32), maskbits
+
+# %% ../nbs/05_mocksky.ipynb
+def forced_photometry(st:ObjectStamp, resid:np.ndarray, invvar:np.ndarray, maskbits:np.ndarray)->tuple[np.ndarray, np.ndarray]:
+    "(flux, ivar) per band [nmgy, 1/nmgy^2] of one object: its profile fitted to image - others' model."
+    n = st.psf.shape[-1]
+    d = _window(resid, st.y0, st.x0, n, n) + st.psf
+    w = _window(invvar, st.y0, st.x0, n, n).astype(float)
+    mb = _window(maskbits, st.y0, st.x0, n, n)
+    for b, band in enumerate(BANDS):
+        w[b] *= (mb & ((1 << MASKBITS[f'SATUR_{band.upper()}']) | (1 << MASKBITS[f'ALLMASK_{band.upper()}']))) == 0
+    p = st.psf / st.flux[:, None, None]
+    den = (w * p * p).sum((1, 2))
+    return np.where(den > 0, (w * p * d).sum((1, 2)) / np.where(den > 0, den, 1), 0.0), den
+
+# %% ../nbs/05_mocksky.ipynb
+def _sweep_shape(t:pd.DataFrame)->dict:
+    "SHAPE_R (major-axis half-light radius, Tractor), SHAPE_E1/E2 and SERSIC of truth rows by TYPE."
+    typ = t.sweep_type.to_numpy()
+    e1, e2 = q_phi_to_tractor_shape(t.q.to_numpy(float), t.phi.to_numpy(float))
+    round_ = np.isin(typ, ['PSF', 'REX'])
+    shape_r = np.where(typ == 'PSF', 0.0, np.where(typ == 'REX', t.r_eff, t.r_eff / np.sqrt(t.q)))  # ours: product-average R_e
+    sersic = np.select([typ == 'DEV', np.isin(typ, ['EXP', 'REX']), typ == 'SER'], [4.0, 1.0, t.sersic_n], 0.0)
+    return dict(SHAPE_R=shape_r, SHAPE_E1=np.where(round_, 0.0, e1), SHAPE_E2=np.where(round_, 0.0, e2), SERSIC=sersic)
+
+# %% ../nbs/05_mocksky.ipynb
+def _local_conditions(t:pd.DataFrame, maps:BrickMaps, invvar:np.ndarray, maskbits:np.ndarray)->dict:
+    "Per-row maps at the nearest pixel: psfsize (n, 3), invvar (n, 3), ebv (n,), maskbits (n,), covered (n, 3)."
+    P = maps.ebv.shape[0]
+    iy = np.clip(np.floor(t.y.to_numpy() + 0.5).astype(int), 0, P - 1); ix = np.clip(np.floor(t.x.to_numpy() + 0.5).astype(int), 0, P - 1)
+    return dict(psfsize=maps.psfsize[:, iy, ix].T, invvar=invvar[:, iy, ix].T, ebv=maps.ebv[iy, ix],
+                maskbits=maskbits[iy, ix], covered=maps.covered[:, iy, ix].T)
+
+def annotate_truth(t:pd.DataFrame, maps:BrickMaps, stamps:dict, fiber:np.ndarray)->pd.DataFrame:
+    "Truth plus E(B-V), MW transmission, psfsize at the position, fibre fluxes and the true-flux LRG selection."
+    loc, t = _local_conditions(t, maps, maps.invvar, np.zeros(maps.ebv.shape, np.int32)), t.copy()
+    t['ebv'] = loc['ebv'].astype(float)
+    for b, band in enumerate(BANDS):
+        t[f'mw_transmission_{band}'] = transmission(t.ebv, band); t[f'psfsize_{band}'] = loc['psfsize'][:, b].astype(float)
+    t['fiberflux_z'], t['fibertotflux_z'] = 0.0, 0.0
+    for i, st in stamps.items():
+        if st.fiber is None: continue
+        (ix, dx), (iy, dy) = nearest_pixel(t.x[i]), nearest_pixel(t.y[i])
+        t.loc[i, 'fiberflux_z'], t.loc[i, 'fibertotflux_z'] = st.fiberflux_z, aperture_sum(fiber, iy, ix, dx, dy)
+    tz = t.mw_transmission_z
+    t['lrg_cut_pass'] = t.catalogued & desi_lrg_south(t.flux_g, t.flux_r, t.flux_z, t.flux_w1, t.fiberflux_z / tz, t.fibertotflux_z / tz, t.gaia_g)
+    return t
+
+# %% ../nbs/05_mocksky.ipynb
+def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, maps:BrickMaps, cond:BrickConditions,
+                brick:dict, rng:np.random.Generator)->pd.DataFrame:
+    "DR10 sweep rows (SWEEP_COLUMNS names) of the catalogued objects of an annotated truth table, in OBJID order."
+    c = t[t.catalogued].sort_values('objid')
+    loc, resid = _local_conditions(c, maps, invvar, maskbits), image - model
+    phot = [forced_photometry(stamps[i], resid, invvar, maskbits) for i in c.index]
+    flux, ivar = np.array([p[0] for p in phot]).reshape(-1, 3), np.array([p[1] for p in phot]).reshape(-1, 3)
+    s = dict(RELEASE=RELEASE, BRICKID=int(brick['BRICKID']), BRICKNAME=brick['BRICKNAME'], OBJID=c.objid.to_numpy(),
+             TYPE=c.sweep_type.to_numpy(), EBV=c.ebv.to_numpy(), **_sweep_shape(c),
+             FIBERFLUX_Z=c.fiberflux_z.to_numpy(), FIBERTOTFLUX_Z=c.fibertotflux_z.to_numpy(), GAIA_PHOT_G_MEAN_MAG=c.gaia_g.to_numpy(),
+             MASKBITS=loc['maskbits'])
+    for band in EXTINCTION_COEFFS: s[f'MW_TRANSMISSION_{band}'] = transmission(c.ebv, band)
+    for b, band in enumerate(BANDS):
+        B, ps, iv = band.upper(), loc['psfsize'][:, b], loc['invvar'][:, b]
+        s.update({f'FLUX_{B}': flux[:, b], f'FLUX_IVAR_{B}': ivar[:, b], f'NOBS_{B}': np.where(loc['covered'][:, b], cond.nobs[b], 0),
+                  f'PSFSIZE_{B}': ps, f'PSFDEPTH_{B}': np.where(ps > 0, iv / gaussian_nea_pix(ps), 0.0),
+                  f'GALDEPTH_{B}': np.where(ps > 0, iv / galaxy_nea_pix(ps), 0.0),
+                  f'ALLMASK_{B}': ((loc['maskbits'] >> MASKBITS[f'ALLMASK_{B}']) & 1).astype(np.int16)})
+    for w in ('W1', 'W2'):
+        s.update({f'FLUX_{w}': c[f'flux_{w.lower()}'] * s[f'MW_TRANSMISSION_{w}'] + rng.normal(0, W_SIGMA_NMGY[w], len(c)),
+                  f'FLUX_IVAR_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2), f'PSFDEPTH_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2)})
+    return _with_position_noise(pd.DataFrame(s, index=c.index), c, rng)
+
+def _with_position_noise(s:pd.DataFrame, c:pd.DataFrame, rng)->pd.DataFrame:
+    "RA, DEC [deg]: true positions plus centroid noise sqrt(2) s / SNR_r (s: Gaussian width of PSF and object)."
+    snr = np.maximum(s.FLUX_R * np.sqrt(s.FLUX_IVAR_R), 1.0)
+    width = np.hypot(np.where(s.PSFSIZE_R > 0, s.PSFSIZE_R, 1.3) / FWHM_PER_SIGMA, c.r_eff)
+    sig = np.sqrt(2) * width / snr / 3600                                      # [deg]
+    return s.assign(RA=(c.ra + rng.normal(0, 1, len(c)) * sig / np.cos(np.radians(c.dec))) % 360, DEC=c.dec + rng.normal(0, 1, len(c)) * sig)
+
+# %% ../nbs/05_mocksky.ipynb
+def render_lensed_source(row, psfsize, transmission_, npix:int)->tuple[np.ndarray, int, int]:
+    "Lensed-source stamp (3, n, n) [nmgy/pixel, observed] of a `lensed_source` truth row, and its brick corner (y0, x0)."
+    from dhs.render import render_lensed_sersic
+    raise NotImplementedError('dhs.render has not landed yet')
+
+def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, cond:BrickConditions)->pd.DataFrame:
+    "Render every `lensed_source` row into `model` (in place); returns the truth with lensed_flux_{g,r,z} [nmgy, observed]."
+    t = truth.copy()
+    for b in BANDS: t[f'lensed_flux_{b}'] = 0.0
+    for i in np.flatnonzero(t.cls == 'lensed_source'):
+        row = t.iloc[i]
+        ps = _at(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, cond.psfsize)
+        T = np.array([transmission(_at(maps.ebv, row.x, row.y), b) for b in BANDS])
+        stamp, y0, x0 = render_lensed_source(row, ps, T, model.shape[-1])
+        _add_clipped(model, stamp, y0, x0)
+        for b, band in enumerate(BANDS): t.loc[t.index[i], f'lensed_flux_{band}'] = float(stamp[b].sum())
+    return t
+
+# %% ../nbs/05_mocksky.ipynb
+HASH_EXCLUDED = ('out', 'n_workers', 'n_bricks', 'n_lenses', 'full_bricks_table', 'ra_ranges', 'dec_min', 'dec_max')  # no effect on a brick's pixels
+
+def brick_hash(cfg:MockSkyConfig, brick:dict)->str:
+    "Hash of the configuration and brick plan row that determine a brick's content."
+    c = {k: v for k, v in config_dict(cfg).items() if k not in HASH_EXCLUDED}
+    b = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in brick.items()}
+    return hashlib.blake2b(json.dumps([c, b], sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+def brick_work_paths(out:str|Path, name:str)->tuple[Path, Path]:
+    "(truth, sweep) working files of a brick."
+    return Path(out)/'mock_bricks'/f'{name}-truth.parquet', Path(out)/'mock_bricks'/f'{name}-sweep.parquet'
+
+# %% ../nbs/05_mocksky.ipynb
+@dataclass
+class SimulatedBrick:
+    "Everything simulated for one brick."
+    brick:dict; wcs:object; cond:BrickConditions; maps:BrickMaps
+    image:np.ndarray; invvar:np.ndarray; maskbits:np.ndarray; model:np.ndarray
+    truth:pd.DataFrame; sweep:pd.DataFrame
+
+def simulate_brick(cfg:MockSkyConfig, brick:dict)->SimulatedBrick:
+    "Simulate one brick (plan row `brick`) from its own seed: conditions, objects, images, truth and sweep rows."
+    rng, npix = task_rng(brick['BRICKNAME'], cfg.salt), int(brick['npix'])
+    wcs = brick_wcs(brick['RA'], brick['DEC'], npix)
+    cond = draw_conditions(rng, cfg); maps = draw_maps(rng, cond, npix, cfg)
+    truth = draw_brick_objects(rng, cfg, brick, wcs, maps)
+    model, fiber, stamps = render_model(truth, maps, cond)
+    truth = add_lensed_sources(annotate_truth(truth, maps, stamps, fiber), model, maps, cond)
+    image, invvar, maskbits = make_images(rng, model, maps, truth, cfg)
+    sweep = sweep_table(truth, stamps, image, invvar, maskbits, model, maps, cond, brick, rng)
+    tz = sweep.MW_TRANSMISSION_Z
+    truth['lrg_cut_pass_sweep'] = False
+    truth.loc[sweep.index, 'lrg_cut_pass_sweep'] = desi_lrg_south(*(sweep[c] / sweep[f'MW_TRANSMISSION_{c.split("_")[-1]}'] for c in ('FLUX_G', 'FLUX_R', 'FLUX_Z', 'FLUX_W1')),
+                                                                   sweep.FIBERFLUX_Z / tz, sweep.FIBERTOTFLUX_Z / tz, sweep.GAIA_PHOT_G_MEAN_MAG)
+    return SimulatedBrick(brick, wcs, cond, maps, image, invvar, maskbits, model, truth, sweep)
+
+# %% ../nbs/05_mocksky.ipynb
+def _parquet_with_meta(df:pd.DataFrame, path:Path, meta:dict):
+    "Write `df` to Parquet atomically with JSON key-value metadata under b'dhs'."
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'dhs': json.dumps(meta, default=str).encode()})
+    with atomic_path(path) as tmp: pq.write_table(table, tmp)
+
+def parquet_meta(path:str|Path)->dict:
+    "The b'dhs' JSON metadata of a Parquet file written by `_parquet_with_meta` ({} if absent)."
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md[b'dhs']) if b'dhs' in md else {}
+
+def brick_summary(sim:SimulatedBrick, seconds:float)->dict:
+    "JSON-ready record of a brick: plan row, conditions, counts per class, seconds."
+    c = sim.cond
+    return dict(brick=sim.brick['BRICKNAME'], npix=int(sim.brick['npix']), lens=sim.brick.get('lens_name') or '', population=c.population,
+                psfsize=dict(zip(BANDS, np.round(c.psfsize, 4).tolist())), depth_mag=dict(zip(BANDS, np.round(c.depth_mag, 3).tolist())),
+                nobs=dict(zip(BANDS, c.nobs.tolist())), ebv=round(c.ebv, 4), counts=sim.truth.cls.value_counts().to_dict(),
+                catalogued=int(sim.truth.catalogued.sum()), seconds=round(seconds, 3))
+
+# %% ../nbs/05_mocksky.ipynb
+def write_brick(out:str|Path, sim:SimulatedBrick, h:str, seconds:float)->dict:
+    "Write a simulated brick: coadds, then its sweep and truth working files (truth last: it marks completion)."
+    name = sim.brick['BRICKNAME']
+    survey.write_brick_coadds(out, name, sim.wcs, sim.image, sim.invvar, sim.maps.psfsize, sim.maskbits)
+    truth_path, sweep_path = brick_work_paths(out, name)
+    summary = brick_summary(sim, seconds)
+    _parquet_with_meta(sim.sweep, sweep_path, dict(brick_hash=h))
+    _parquet_with_meta(sim.truth, truth_path, dict(brick_hash=h, summary=summary))
+    return summary
+
+def brick_complete(out:str|Path, brick:dict, h:str)->bool:
+    "True if a brick's coadds and working files exist, read back, and were made with hash `h`."
+    truth_path, sweep_path = brick_work_paths(out, brick['BRICKNAME'])
+    try:
+        if parquet_meta(truth_path).get('brick_hash') != h or parquet_meta(sweep_path).get('brick_hash') != h: return False
+        for rel in survey.brick_coadd_relpaths(brick['BRICKNAME']): survey.check_fits_file(Path(out)/rel)
+        return True
+    except (OSError, survey.SurveyFileError, pa.ArrowException, ValueError): return False
+
+def make_brick(cfg:MockSkyConfig, brick:dict)->dict:
+    "Simulate and write one brick (a process-pool task); returns its summary."
+    t0 = time.time()
+    sim = simulate_brick(cfg, brick)
+    return write_brick(cfg.out, sim, brick_hash(cfg, brick), time.time() - t0)
+
+# %% ../nbs/05_mocksky.ipynb
+def _run_bricks(cfg:MockSkyConfig, todo:list[dict], log)->list[dict]:
+    "Render the bricks `todo` (plan rows), in a spawned process pool when n_workers > 1."
+    if cfg.n_workers <= 1 or len(todo) <= 1: return [make_brick(cfg, b) for b in todo]
+    out = []
+    with ProcessPoolExecutor(cfg.n_workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+        for k, s in enumerate(pool.map(make_brick, [cfg] * len(todo), todo)):
+            out.append(s)
+            if (k + 1) % max(1, len(todo) // 10) == 0: log(f'[mock-sky] {k + 1}/{len(todo)} bricks rendered')
+    return out
+
+def _sweep_boxes(ra, dec)->pd.DataFrame:
+    "Sweep box (ramin, decmin) of each position [deg], vectorised `survey.sweep_bounds_for`."
+    b = survey.SWEEP_BOX_DEG
+    return pd.DataFrame(dict(ramin=(np.floor((np.asarray(ra) % 360) / b) * b).astype(int),
+                             decmin=np.minimum(np.floor(np.asarray(dec) / b) * b, 90 - b).astype(int)))
+
+# %% ../nbs/05_mocksky.ipynb
+def write_sweeps(out:str|Path, sweep:pd.DataFrame)->list[str]:
+    "Write one DR10 sweep per 5 x 5 deg box holding objects; remove other sweep files; returns the relative paths."
+    boxes, written = _sweep_boxes(sweep.RA, sweep.DEC), []
+    b = survey.SWEEP_BOX_DEG
+    for (r0, d0), idx in boxes.groupby(['ramin', 'decmin']).groups.items():
+        rel = survey.sweep_relpath(r0, d0, r0 + b, d0 + b)
+        survey.write_sweep(sweep.loc[idx].sort_values(['BRICKID', 'OBJID']), Path(out)/rel, fill_missing=True)
+        written.append(rel)
+    for p in (Path(out)/survey.SWEEP_RELDIR).glob('sweep-*.fits'):
+        if f'{survey.SWEEP_RELDIR}/{p.name}' not in written: p.unlink()
+    return sorted(written)
+
+def _disk_bytes(out:Path)->dict:
+    "Bytes on disk of the survey files and of the mock's working files."
+    files = [p for p in out.rglob('*') if p.is_file()]
+    work = sum(p.stat().st_size for p in files if 'mock_bricks' in p.parts)
+    return dict(total=sum(p.stat().st_size for p in files), working_files=work)
+
+# %% ../nbs/05_mocksky.ipynb
+def gather_mock_sky(cfg:MockSkyConfig, plan:pd.DataFrame, bricks:pd.DataFrame)->tuple[pd.DataFrame, pd.DataFrame, list[dict], list[str]]:
+    "Read every brick's working files; write the bricks table and sweeps. Returns (truth, sweep, brick summaries, sweep paths)."
+    out, truths, sweeps, summaries = Path(cfg.out), [], [], []
+    for name in plan.BRICKNAME:
+        tp, sp = brick_work_paths(out, name)
+        truths.append(pd.read_parquet(tp)); sweeps.append(pd.read_parquet(sp)); summaries.append(parquet_meta(tp)['summary'])
+    truth, sweep = pd.concat(truths, ignore_index=True), pd.concat(sweeps, ignore_index=True)
+    table = bricks if cfg.full_bricks_table else bricks[bricks.BRICKNAME.isin(plan.BRICKNAME)]
+    survey.write_bricks(table.reset_index(drop=True), out/survey.BRICKS_RELPATH)
+    return truth, sweep, summaries, write_sweeps(out, sweep)
+
+def sky_counts(truth:pd.DataFrame)->dict:
+    "Counts per class (all rows and catalogued), contaminants per kind, LRG hosts with a contaminant, true lenses."
+    lrg = truth[truth.cls == 'lrg']
+    hosts = truth[truth.cls.isin(CONTAMINANT_KINDS)][['brickname', 'host_objid']].drop_duplicates()
+    return dict(per_class=truth.cls.value_counts().to_dict(), catalogued=truth[truth.catalogued].cls.value_counts().to_dict(),
+                lrg_hosts=int(len(lrg)), lrg_hosts_catalogued=int(lrg.catalogued.sum()),
+                lrg_hosts_with_contaminant=int(len(hosts)), true_lenses=int((truth.cls == 'lensed_source').sum()),
+                lrg_cut_pass_true=int(truth.lrg_cut_pass.sum()), lrg_cut_pass_sweep=int(truth.lrg_cut_pass_sweep.sum()))
+
+# %% ../nbs/05_mocksky.ipynb
+def generate_mock_sky(cfg:MockSkyConfig, log=print)->dict:
+    "Generate (or complete) the mock DR10 sky of `cfg` under `cfg.out`; returns the `mock_sky.json` record."
+    t0, out = time.time(), Path(cfg.out)
+    if not 0 < cfg.brick_pixels < survey.BRICK_PIXELS or cfg.brick_pixels <= 2 * cfg.primary_margin_pix + 16:
+        raise ValueError(f'brick_pixels={cfg.brick_pixels}: must be below {survey.BRICK_PIXELS} (a central cut of a DR10 brick) '
+                         f'and above 2 x primary_margin_pix + 16 = {2 * cfg.primary_margin_pix + 16}')
+    bricks = survey.make_bricks_table()
+    lenses, lenscat_version = lenscat_lenses(cfg.dec_min, cfg.dec_max)
+    plan = plan_bricks(cfg, bricks, lenses)
+    rows = [dict(r._asdict()) for r in plan.itertuples(index=False)]
+    todo = [b for b in rows if not brick_complete(out, b, brick_hash(cfg, b))]
+    log(f'[mock-sky] {out}: {len(rows)} bricks, {len(rows) - len(todo)} complete, {len(todo)} to render on {cfg.n_workers} worker(s)')
+    t1 = time.time(); _run_bricks(cfg, todo, log); render_s = time.time() - t1
+    truth, sweep, summaries, sweeps = gather_mock_sky(cfg, plan, bricks)
+    _parquet_with_meta(truth, out/'mock_truth.parquet', provenance(cfg, seeds=dict(salt=cfg.salt)))
+    record = provenance(cfg, seeds=dict(salt=cfg.salt), phase='mock-sky', lenscat_version=lenscat_version,
+                        lenses=plan[plan.lens_name != ''][['lens_name', 'lens_ra', 'lens_dec', 'BRICKNAME', 'npix']].to_dict('records'),
+                        bricks=summaries, sweeps=sweeps, counts=sky_counts(truth), sweep_rows=int(len(sweep)),
+                        bricks_rendered=len(todo), bricks_reused=len(rows) - len(todo),
+                        seconds=dict(render=round(render_s, 2), total=round(time.time() - t0, 2)))
+    record['disk_bytes'] = _disk_bytes(out)
+    write_json(record, out/'mock_sky.json')
+    log(f'[mock-sky] done in {record["seconds"]["total"]:.1f} s: {record["counts"]["lrg_hosts"]} LRG hosts, {len(sweep)} sweep rows, '
+        f'{record["counts"]["true_lenses"]} true lenses, {record["disk_bytes"]["total"] / 1e6:.1f} MB')
+    return record
+
+# %% ../nbs/05_mocksky.ipynb
+MOCK_SIZES = {  # size -> MockSkyConfig overrides
+    'tiny': dict(n_bricks=24, brick_pixels=192, n_lenses=3, lrg_per_arcmin2=8.0),
+    'mock': dict(n_bricks=128, brick_pixels=512, n_lenses=5),
+}
+
+def mock_sky_config(size:str='mock', **overrides)->MockSkyConfig:
+    "The MockSkyConfig of a named size, with `overrides` (None values ignored)."
+    if size not in MOCK_SIZES: raise ValueError(f'unknown mock-sky size {size!r}; known: {sorted(MOCK_SIZES)}')
+    return MockSkyConfig(**{**MOCK_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
+
+def main(argv:list|None=None)->int:
+    "`dhs mock-sky --out DIR [--size S] [--bricks N] [--brick-pixels P] [--seed S] [--lenses L] [--workers W]`."
+    ap = argparse.ArgumentParser(prog='dhs mock-sky', description='Write a mock DR10 sky (bricks, sweeps, coadds, truth) to a folder.')
+    ap.add_argument('--out', required=True, help='output folder (the survey base URI of later phases)')
+    ap.add_argument('--size', default='mock', choices=sorted(MOCK_SIZES), help='named size (default: mock)')
+    ap.add_argument('--bricks', type=int, dest='n_bricks', help='number of bricks (lens bricks included)')
+    ap.add_argument('--brick-pixels', type=int, dest='brick_pixels', help='brick side P [pixels], < 3600')
+    ap.add_argument('--seed', type=int, help='sky seed (default 0)')
+    ap.add_argument('--lenses', type=int, dest='n_lenses', help='number of lenscat lenses rendered as true lenses')
+    ap.add_argument('--workers', type=int, dest='n_workers', help='worker processes (default 2)')
+    a = vars(ap.parse_args(argv))
+    generate_mock_sky(mock_sky_config(a.pop('size'), **a))
+    return 0
