@@ -849,22 +849,31 @@ def _with_position_noise(s:pd.DataFrame, c:pd.DataFrame, rng)->pd.DataFrame:
     return s.assign(RA=(c.ra + rng.normal(0, 1, len(c)) * sig / np.cos(np.radians(c.dec))) % 360, DEC=c.dec + rng.normal(0, 1, len(c)) * sig)
 
 # %% ../nbs/05_mocksky.ipynb
-def render_lensed_source(row, psfsize, transmission_, npix:int)->tuple[np.ndarray, int, int]:
-    "Lensed-source stamp (3, n, n) [nmgy/pixel, observed] of a `lensed_source` truth row, and its brick corner (y0, x0)."
+def render_lensed_source(row, psfsize, mw_transmission)->tuple[np.ndarray, int, int, object]:
+    "Lensed-source stamp (3, N, N) [observed nmgy/pixel] of a `lensed_source` truth row, its brick corner (y0, x0), the RenderResult."
+    from dhs.lensing import Lens
     from dhs.render import render_lensed_sersic
-    raise NotImplementedError('dhs.render has not landed yet')
+    (ix, dx), (iy, dy) = nearest_pixel(row.x), nearest_pixel(row.y)
+    n = max(48, 2 * int(np.ceil((row.theta_e + 4 * row.src_r_eff + 2.5 * max(psfsize)) / PIX)) + 2)
+    lens = Lens(row.theta_e, row.lens_q, row.lens_phi, row.gamma1, row.gamma2)
+    flux = np.array([row.flux_g, row.flux_r, row.flux_z]) * mw_transmission
+    res = render_lensed_sersic(row.src_r_eff, row.src_n, row.src_q, row.src_phi, row.src_x, row.src_y, lens, flux,
+                               moffat_fwhm_from_psfsize(np.asarray(psfsize)), stamp_size=n, pixscale=PIX, dx=dx, dy=dy,
+                               psf_kernels=[psf_kernel(p) for p in psfsize])  # the mock's true PSF (point-sampled Moffat)
+    return res.stamp, iy - n // 2, ix - n // 2, res
 
 def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, cond:BrickConditions)->pd.DataFrame:
-    "Render every `lensed_source` row into `model` (in place); returns the truth with lensed_flux_{g,r,z} [nmgy, observed]."
+    "Render every `lensed_source` row into `model` (in place); returns the truth with lensed fluxes, magnification, multiplicity."
     t = truth.copy()
     for b in BANDS: t[f'lensed_flux_{b}'] = 0.0
+    t['magnification'], t['multiplicity'] = np.nan, 0
     for i in np.flatnonzero(t.cls == 'lensed_source'):
         row = t.iloc[i]
         ps = _at(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, cond.psfsize)
-        T = np.array([transmission(_at(maps.ebv, row.x, row.y), b) for b in BANDS])
-        stamp, y0, x0 = render_lensed_source(row, ps, T, model.shape[-1])
+        stamp, y0, x0, res = render_lensed_source(row, ps, np.array([transmission(_at(maps.ebv, row.x, row.y), b) for b in BANDS]))
         _add_clipped(model, stamp, y0, x0)
         for b, band in enumerate(BANDS): t.loc[t.index[i], f'lensed_flux_{band}'] = float(stamp[b].sum())
+        t.loc[t.index[i], ['magnification', 'multiplicity']] = res.magnification, res.multiplicity
     return t
 
 # %% ../nbs/05_mocksky.ipynb
