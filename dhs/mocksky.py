@@ -35,9 +35,9 @@ __all__ = ['EXTINCTION_COEFFS', 'DEPTH_MEDIAN_MAG', 'MOFFAT_BETA', 'FIBER_RADIUS
            'draw_brick_objects', 'object_components', 'ObjectStamp', 'render_object', 'transmission', 'render_model',
            'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images', 'forced_photometry', 'annotate_truth',
            'sweep_table', 'render_lensed_source', 'add_lensed_sources', 'brick_hash', 'brick_work_paths',
-           'SimulatedBrick', 'simulate_brick', 'parquet_meta', 'brick_summary', 'write_brick', 'brick_complete',
-           'make_brick', 'write_sweeps', 'gather_mock_sky', 'sky_counts', 'generate_mock_sky', 'mock_sky_config',
-           'main']
+           'SimulatedBrick', 'simulate_brick', 'object_model', 'parquet_meta', 'brick_summary', 'write_brick',
+           'brick_complete', 'make_brick', 'write_sweeps', 'gather_mock_sky', 'sky_counts', 'generate_mock_sky',
+           'mock_sky_config', 'main']
 
 # %% ../nbs/05_mocksky.ipynb
 EXTINCTION_COEFFS = dict(G=3.214, R=2.165, I=1.592, Z=1.211, W1=0.184, W2=0.113, W3=0.0241, W4=0.00910)  # A_b / E(B-V)
@@ -443,7 +443,8 @@ def truth_frame(df:pd.DataFrame)->pd.DataFrame:
     out = df.copy()
     for k, v in TRUTH_DEFAULTS.items():
         if k not in out: out[k] = v
-        elif not (isinstance(v, float) and np.isnan(v)): out[k] = out[k].fillna(v).astype(type(v))
+        elif not (isinstance(v, float) and np.isnan(v)):
+            out[k] = pd.Series(np.where(out[k].isna(), v, out[k].to_numpy(object)), index=out.index).astype(type(v))
     return out[list(TRUTH_DEFAULTS) + [c for c in out.columns if c not in TRUTH_DEFAULTS]].reset_index(drop=True)
 
 def _powerlaw_mag(rng:np.random.Generator, n:int, lo:float, hi:float, slope:float)->np.ndarray:
@@ -534,17 +535,17 @@ def _feature_rows(rng, kind:str, h:pd.DataFrame)->pd.DataFrame:
     hr = nmgy_to_mag(h.flux_r.to_numpy())
     if kind == 'ring':
         geo = dict(feat_radius=u(1, 3), feat_width=u(0.12, 0.35), feat_pitch=0.0, feat_q=u(0.5, 1),
-                   feat_extent=np.where(u(0, 1) < 0.4, 2 * np.pi, u(0.5 * np.pi, 1.6 * np.pi)), dmag=u(1.5, 4.0))
+                   feat_extent=np.where(u(0, 1) < 0.4, 2 * np.pi, u(0.5 * np.pi, 1.6 * np.pi)), dmag=u(0.5, 3.0))
         g_r, r_z = _blue(rng, n)
     elif kind == 'arm':
         geo = dict(feat_radius=u(1, 3.5), feat_width=u(0.15, 0.4), feat_pitch=np.radians(u(15, 35)) * rng.choice([-1, 1], n),
-                   feat_q=u(0.6, 1), feat_extent=u(np.pi / 3, np.pi), dmag=u(1.5, 4.0))
+                   feat_q=u(0.6, 1), feat_extent=u(np.pi / 3, np.pi), dmag=u(0.5, 3.0))
         g_r, r_z = _blue(rng, n)
     else:  # tidal: half shells, half tails, of the host's colour
         shell = u(0, 1) < 0.5
         geo = dict(feat_radius=np.where(shell, u(2, 5), u(1.5, 3)), feat_width=np.where(shell, u(0.3, 0.7), u(0.4, 0.8)),
                    feat_pitch=np.where(shell, 0.0, np.radians(u(35, 55)) * rng.choice([-1, 1], n)), feat_q=u(0.7, 1),
-                   feat_extent=np.where(shell, u(np.pi / 3, 0.8 * np.pi), u(np.pi / 2, np.pi)), dmag=u(2.0, 4.0))
+                   feat_extent=np.where(shell, u(np.pi / 3, 0.8 * np.pi), u(np.pi / 2, np.pi)), dmag=u(1.0, 3.0))
         g_r = nmgy_to_mag(h.flux_g.to_numpy()) - hr + rng.normal(0, 0.05, n)
         r_z = hr - nmgy_to_mag(h.flux_z.to_numpy()) + rng.normal(0, 0.05, n)
     f = dict(_fluxes(hr + geo.pop('dmag'), g_r, r_z, 0.0, 0.0), flux_w1=0.0, flux_w2=0.0)  # no WISE model for features
@@ -562,7 +563,7 @@ def _galaxy_rows(rng, kind:str, h:pd.DataFrame)->pd.DataFrame:
         g_r = nmgy_to_mag(h.flux_g.to_numpy()) - hr + rng.normal(0, 0.1, n); r_z = hr - hz + rng.normal(0, 0.1, n)
         z_w1 = hz - nmgy_to_mag(h.flux_w1.to_numpy()) + rng.normal(0, 0.1, n)
     else:
-        d = dict(sweep_type='REX', sersic_n=1.0, r_eff=u(0.12, 0.4), q=1.0, sep_arcsec=u(1, 4), dmag=u(1.0, 4.0))
+        d = dict(sweep_type='REX', sersic_n=1.0, r_eff=u(0.12, 0.4), q=1.0, sep_arcsec=u(1, 4), dmag=u(0.5, 3.5))
         (g_r, r_z), z_w1 = _blue(rng, n), u(0.2, 0.8)
     f = _fluxes(hr + d.pop('dmag'), g_r, r_z, z_w1, -0.45)
     return pd.DataFrame(dict(cls=kind, phi=u(0, np.pi), **d, **f)).assign(feat_angle=u(0, 2 * np.pi))
@@ -634,7 +635,7 @@ def draw_brick_objects(rng:np.random.Generator, cfg:MockSkyConfig, brick:dict, w
     base = pd.concat([_base_objects(rng, cfg, npix, maps), _lens_host(rng, brick, wcs)], ignore_index=True)
     base['truth_id'] = np.arange(len(base))
     extra = [draw_contaminants(rng, base[base.cls == 'lrg'], cfg)]
-    extra += [draw_lensed_source(rng, h, cfg) for _, h in base[base.get('is_lens', pd.Series(False, index=base.index)).fillna(False).astype(bool)].iterrows()]
+    extra += [draw_lensed_source(rng, h, cfg) for _, h in base[base.get('is_lens', pd.Series(False, index=base.index)).eq(True)].iterrows()]
     t = truth_frame(pd.concat([base] + extra, ignore_index=True))
     t['truth_id'], t['brickname'] = np.arange(len(t)), brick['BRICKNAME']
     t['primary'] = t.x.between(m - 0.5, npix - m - 0.5) & t.y.between(m - 0.5, npix - m - 0.5)
@@ -912,6 +913,22 @@ def simulate_brick(cfg:MockSkyConfig, brick:dict)->SimulatedBrick:
     truth.loc[sweep.index, 'lrg_cut_pass_sweep'] = desi_lrg_south(*(sweep[c] / sweep[f'MW_TRANSMISSION_{c.split("_")[-1]}'] for c in ('FLUX_G', 'FLUX_R', 'FLUX_Z', 'FLUX_W1')),
                                                                    sweep.FIBERFLUX_Z / tz, sweep.FIBERTOTFLUX_Z / tz, sweep.GAIA_PHOT_G_MEAN_MAG)
     return SimulatedBrick(brick, wcs, cond, maps, image, invvar, maskbits, model, truth, sweep)
+
+# %% ../nbs/05_mocksky.ipynb
+def object_model(sim:SimulatedBrick, i:int)->np.ndarray:
+    "Noise-free (3, P, P) image [observed nmgy/pixel] of truth row `i` of a simulated brick, exactly as rendered into it."
+    row, maps, P = sim.truth.iloc[i], sim.maps, sim.image.shape[-1]
+    ps = _at(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, sim.cond.psfsize)
+    T = np.array([transmission(_at(maps.ebv, row.x, row.y), b) for b in BANDS])
+    out = np.zeros((3, P, P))
+    if row.cls == 'lensed_source':
+        stamp, y0, x0, _ = render_lensed_source(row, ps, T)
+    else:
+        iv = _at(maps.invvar, row.x, row.y)
+        sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1)), 1 / np.sqrt(depth_mag_to_ivar(sim.cond.depth_mag) * gaussian_nea_pix(sim.cond.psfsize)))
+        o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, ps, sig, False); stamp, y0, x0 = o.psf, o.y0, o.x0
+    _add_clipped(out, stamp, y0, x0)
+    return out
 
 # %% ../nbs/05_mocksky.ipynb
 def _parquet_with_meta(df:pd.DataFrame, path:Path, meta:dict):
