@@ -24,10 +24,10 @@ from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convo
 __all__ = ['EXTINCTION_COEFFS', 'DEPTH_MEDIAN_MAG', 'MOFFAT_BETA', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC',
            'GALDEPTH_REFF_ARCSEC', 'RELEASE', 'W_SIGMA_NMGY', 'SATURATION_NMGY', 'CONTAMINANT_KINDS', 'FIELD_KINDS',
            'PIX', 'BRICK_PLAN_COLUMNS', 'DEPTH_MIXTURE', 'PSF_BAND_RATIO', 'TRUTH_DEFAULTS', 'CATALOGUED_CLASSES',
-           'FIELD_MIX', 'FIELD_TYPE', 'SPIRAL_COLOURS', 'HASH_EXCLUDED', 'MOCK_SIZES', 'MockSkyConfig',
-           'lenscat_lenses', 'brick_pixel_offsets', 'choose_lenses', 'lens_brick_pixels', 'plan_bricks',
-           'gaussian_nea_pix', 'depth_mag_to_ivar', 'ivar_to_depth_mag', 'BrickConditions', 'draw_conditions',
-           'smooth_factor', 'coverage_mask', 'BrickMaps', 'draw_maps', 'arc_sb', 'arc_outer_radius',
+           'FIELD_MIX', 'FIELD_TYPE', 'SPIRAL_COLOURS', 'HASH_EXCLUDED', 'MOCK_SKY_VERSION', 'MOCK_SIZES',
+           'MockSkyConfig', 'lenscat_lenses', 'brick_pixel_offsets', 'choose_lenses', 'lens_brick_pixels',
+           'plan_bricks', 'gaussian_nea_pix', 'depth_mag_to_ivar', 'ivar_to_depth_mag', 'BrickConditions',
+           'draw_conditions', 'smooth_factor', 'coverage_mask', 'BrickMaps', 'draw_maps', 'arc_sb', 'arc_outer_radius',
            'spiral_modulation', 'sersic_truncation', 'component_sb', 'pixelise', 'psf_kernel', 'fiber_kernel',
            'moffat_truncation', 'kernel_radius_pix', 'render_point_source', 'component_extent', 'aperture_weights',
            'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction', 'galaxy_nea_pix', 'desi_lrg_south', 'truth_frame',
@@ -251,6 +251,7 @@ def arc_sb(x, y,             # positions relative to the centre [arcsec]
     window = 1.0 if extent >= 2 * np.pi else np.exp(-0.5 * (dt / (extent / 2)) ** 8)  # flat-topped angular window
     return np.exp(-0.5 * ((r - radius * np.exp(np.tan(pitch) * dt)) / width) ** 2) * window
 
+# %% ../nbs/05_mocksky.ipynb
 def arc_outer_radius(radius:float, width:float, extent:float, pitch:float, q:float=1.0)->float:
     "Largest distance [arcsec] from the centre at which `arc_sb` has light (3 sigma)."
     return (radius * np.exp(abs(np.tan(pitch)) * min(extent, 2 * np.pi) / 2) + 3 * width) / np.sqrt(q)
@@ -280,6 +281,7 @@ def component_sb(kind:str, p:dict, x, y)->np.ndarray:
     if kind == 'arc': return arc_sb(x, y, p['radius'], p['width'], p['angle'], p['extent'], p['pitch'], p['q'], p['phi'])
     raise ValueError(f'unknown component kind {kind!r}; expected sersic, arms or arc')
 
+# %% ../nbs/05_mocksky.ipynb
 def _subpixel_grid(half:int, ss:int, dx:float, dy:float):
     "Arcsec coordinates (X, Y) of the ss x ss sub-pixel centres of a (2 half + 1)^2 stamp, object at offset (dx, dy) [pixels]."
     u = (np.arange((2 * half + 1) * ss) + 0.5) / ss - 0.5 - half  # sub-pixel centres [pixels from the centre pixel]
@@ -447,6 +449,7 @@ def truth_frame(df:pd.DataFrame)->pd.DataFrame:
             out[k] = pd.Series(np.where(out[k].isna(), v, out[k].to_numpy(object)), index=out.index).astype(type(v))
     return out[list(TRUTH_DEFAULTS) + [c for c in out.columns if c not in TRUTH_DEFAULTS]].reset_index(drop=True)
 
+# %% ../nbs/05_mocksky.ipynb
 def _powerlaw_mag(rng:np.random.Generator, n:int, lo:float, hi:float, slope:float)->np.ndarray:
     "Magnitudes in [lo, hi] with dN/dm proportional to 10^(slope m) (slope 0: uniform)."
     if slope == 0: return rng.uniform(lo, hi, n)
@@ -568,6 +571,7 @@ def _galaxy_rows(rng, kind:str, h:pd.DataFrame)->pd.DataFrame:
     f = _fluxes(hr + d.pop('dmag'), g_r, r_z, z_w1, -0.45)
     return pd.DataFrame(dict(cls=kind, phi=u(0, np.pi), **d, **f)).assign(feat_angle=u(0, 2 * np.pi))
 
+# %% ../nbs/05_mocksky.ipynb
 def draw_contaminants(rng:np.random.Generator, hosts:pd.DataFrame, cfg:MockSkyConfig)->pd.DataFrame:
     "Contaminants of every kind on `hosts` (rows with truth_id, x, y, fluxes), each kind at its rate; host_objid -> truth_id."
     parts = []
@@ -586,11 +590,12 @@ def draw_contaminants(rng:np.random.Generator, hosts:pd.DataFrame, cfg:MockSkyCo
 # %% ../nbs/05_mocksky.ipynb
 def draw_lensed_source(rng:np.random.Generator, host:pd.Series, cfg:MockSkyConfig)->pd.DataFrame:
     "One `lensed_source` truth row behind `host` (a row with truth_id, x, y, q, phi, flux_r)."
-    from dhs.lensing import Lens, shear_from_polar, sample_source_position
+    from dhs.lensing import Lens, shear_from_polar
     g1, g2 = shear_from_polar(rng.uniform(0, 0.05), rng.uniform(0, np.pi))
     lens = Lens(rng.uniform(cfg.theta_e_min, cfg.theta_e_max), float(np.clip(host.q + rng.normal(0, 0.05), 0.4, 1.0)),
                 float(host.phi + rng.normal(0, 0.1)), g1, g2)
-    sx, sy = sample_source_position(lens, rng)
+    beta, angle = lens.theta_e * rng.uniform(0.05, 0.35), rng.uniform(0, 2 * np.pi)
+    sx, sy = beta * np.cos(angle), beta * np.sin(angle)
     dmag, (g_r, r_z) = rng.uniform(cfg.lens_dmag_min, cfg.lens_dmag_max), draw_source_colours(rng, 'starforming')
     f = _fluxes(nmgy_to_mag(host.flux_r) + dmag, g_r, r_z, 0.0, 0.0)
     return pd.DataFrame([dict(cls='lensed_source', host_truth_id=host.truth_id, x=host.x, y=host.y, is_lens=True,
@@ -629,6 +634,7 @@ def _lens_host(rng, brick:dict, wcs)->pd.DataFrame:
     h['x'], h['y'] = (float(v) for v in wcs.world_to_pixel_values(brick['lens_ra'], brick['lens_dec']))
     return h.assign(is_lens=True, lenscat_name=brick['lens_name'])
 
+# %% ../nbs/05_mocksky.ipynb
 def draw_brick_objects(rng:np.random.Generator, cfg:MockSkyConfig, brick:dict, wcs, maps:BrickMaps)->pd.DataFrame:
     "The truth table of one brick: all objects and features with positions, RA/Dec, OBJIDs and host links."
     npix, m = int(brick['npix']), cfg.primary_margin_pix
@@ -680,6 +686,7 @@ def _ss_for(r_eff:float)->int:
     "Sub-pixels per pixel for a profile of half-light radius r_eff [arcsec]."
     return 5 if r_eff < 0.5 else 4 if r_eff < 1.2 else 3
 
+# %% ../nbs/05_mocksky.ipynb
 def render_object(row, flux, psfsize, sigma_pix, with_fiber:bool)->ObjectStamp:
     "Stamp of one truth row with observed fluxes `flux` (3,), PSF psfsize (3,) [arcsec], pixel noise (3,) [nmgy]."
     ix, dx = nearest_pixel(row.x); iy, dy = nearest_pixel(row.y)
@@ -707,6 +714,7 @@ def transmission(ebv, band:str)->np.ndarray:
     "Milky-Way transmission 10^(-0.4 R_band E(B-V)) (DR10 coefficients)."
     return 10 ** (-0.4 * EXTINCTION_COEFFS[band.upper()] * np.asarray(ebv, float))
 
+# %% ../nbs/05_mocksky.ipynb
 def render_model(truth:pd.DataFrame, maps:BrickMaps, cond:BrickConditions)->tuple[np.ndarray, np.ndarray, dict]:
     "Noise-free brick model (3, P, P), its z-band 1\"-seeing twin (P, P) and the stamps {truth row: ObjectStamp}."
     P = maps.ebv.shape[0]
@@ -751,6 +759,7 @@ def _disc(maskbits:np.ndarray, x:float, y:float, radius_pix:float, bit:int):
     yy, xx = np.mgrid[y0:y1, x0:x1]
     maskbits[y0:y1, x0:x1] |= np.where((xx - x) ** 2 + (yy - y) ** 2 <= radius_pix ** 2, np.int32(1 << bit), np.int32(0))
 
+# %% ../nbs/05_mocksky.ipynb
 def make_images(rng:np.random.Generator, model:np.ndarray, maps:BrickMaps, truth:pd.DataFrame, cfg:MockSkyConfig
                )->tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(image, invvar, maskbits) of a brick: noise from invvar, bad regions, saturation, bright-star and NPRIMARY masks."
@@ -819,6 +828,17 @@ def annotate_truth(t:pd.DataFrame, maps:BrickMaps, stamps:dict, fiber:np.ndarray
     return t
 
 # %% ../nbs/05_mocksky.ipynb
+#| export
+
+# %% ../nbs/05_mocksky.ipynb
+def _with_position_noise(s:pd.DataFrame, c:pd.DataFrame, rng)->pd.DataFrame:
+    "RA, DEC [deg]: true positions plus centroid noise sqrt(2) s / SNR_r (s: Gaussian width of PSF and object)."
+    snr = np.maximum(s.FLUX_R * np.sqrt(s.FLUX_IVAR_R), 1.0)
+    width = np.hypot(np.where(s.PSFSIZE_R > 0, s.PSFSIZE_R, 1.3) / FWHM_PER_SIGMA, c.r_eff)
+    sig = np.sqrt(2) * width / snr / 3600                                      # [deg]
+    return s.assign(RA=(c.ra + rng.normal(0, 1, len(c)) * sig / np.cos(np.radians(c.dec))) % 360, DEC=c.dec + rng.normal(0, 1, len(c)) * sig)
+
+# %% ../nbs/05_mocksky.ipynb
 def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, maps:BrickMaps, cond:BrickConditions,
                 brick:dict, rng:np.random.Generator)->pd.DataFrame:
     "DR10 sweep rows (SWEEP_COLUMNS names) of the catalogued objects of an annotated truth table, in OBJID order."
@@ -833,21 +853,15 @@ def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, map
     for band in EXTINCTION_COEFFS: s[f'MW_TRANSMISSION_{band}'] = transmission(c.ebv, band)
     for b, band in enumerate(BANDS):
         B, ps, iv = band.upper(), loc['psfsize'][:, b], loc['invvar'][:, b]
+        safe = np.where(ps > 0, ps, 1.0)  # no coverage: psfsize 0, depths 0
         s.update({f'FLUX_{B}': flux[:, b], f'FLUX_IVAR_{B}': ivar[:, b], f'NOBS_{B}': np.where(loc['covered'][:, b], cond.nobs[b], 0),
-                  f'PSFSIZE_{B}': ps, f'PSFDEPTH_{B}': np.where(ps > 0, iv / gaussian_nea_pix(ps), 0.0),
-                  f'GALDEPTH_{B}': np.where(ps > 0, iv / galaxy_nea_pix(ps), 0.0),
+                  f'PSFSIZE_{B}': ps, f'PSFDEPTH_{B}': np.where(ps > 0, iv / gaussian_nea_pix(safe), 0.0),
+                  f'GALDEPTH_{B}': np.where(ps > 0, iv / galaxy_nea_pix(safe), 0.0),
                   f'ALLMASK_{B}': ((loc['maskbits'] >> MASKBITS[f'ALLMASK_{B}']) & 1).astype(np.int16)})
     for w in ('W1', 'W2'):
         s.update({f'FLUX_{w}': c[f'flux_{w.lower()}'] * s[f'MW_TRANSMISSION_{w}'] + rng.normal(0, W_SIGMA_NMGY[w], len(c)),
                   f'FLUX_IVAR_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2), f'PSFDEPTH_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2)})
     return _with_position_noise(pd.DataFrame(s, index=c.index), c, rng)
-
-def _with_position_noise(s:pd.DataFrame, c:pd.DataFrame, rng)->pd.DataFrame:
-    "RA, DEC [deg]: true positions plus centroid noise sqrt(2) s / SNR_r (s: Gaussian width of PSF and object)."
-    snr = np.maximum(s.FLUX_R * np.sqrt(s.FLUX_IVAR_R), 1.0)
-    width = np.hypot(np.where(s.PSFSIZE_R > 0, s.PSFSIZE_R, 1.3) / FWHM_PER_SIGMA, c.r_eff)
-    sig = np.sqrt(2) * width / snr / 3600                                      # [deg]
-    return s.assign(RA=(c.ra + rng.normal(0, 1, len(c)) * sig / np.cos(np.radians(c.dec))) % 360, DEC=c.dec + rng.normal(0, 1, len(c)) * sig)
 
 # %% ../nbs/05_mocksky.ipynb
 def render_lensed_source(row, psfsize, mw_transmission)->tuple[np.ndarray, int, int, object]:
@@ -863,6 +877,7 @@ def render_lensed_source(row, psfsize, mw_transmission)->tuple[np.ndarray, int, 
                                psf_kernels=[psf_kernel(p) for p in psfsize])  # the mock's true PSF (point-sampled Moffat)
     return res.stamp, iy - n // 2, ix - n // 2, res
 
+# %% ../nbs/05_mocksky.ipynb
 def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, cond:BrickConditions)->pd.DataFrame:
     "Render every `lensed_source` row into `model` (in place); returns the truth with lensed fluxes, magnification, multiplicity."
     t = truth.copy()
@@ -879,12 +894,13 @@ def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, con
 
 # %% ../nbs/05_mocksky.ipynb
 HASH_EXCLUDED = ('out', 'n_workers', 'n_bricks', 'n_lenses', 'full_bricks_table', 'ra_ranges', 'dec_min', 'dec_max')  # no effect on a brick's pixels
+MOCK_SKY_VERSION = 1  # bump when a code change alters what a brick holds: complete bricks of older versions are re-rendered
 
 def brick_hash(cfg:MockSkyConfig, brick:dict)->str:
-    "Hash of the configuration and brick plan row that determine a brick's content."
+    "Hash of the mock-sky version, configuration and brick plan row that determine a brick's content."
     c = {k: v for k, v in config_dict(cfg).items() if k not in HASH_EXCLUDED}
     b = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in brick.items()}
-    return hashlib.blake2b(json.dumps([c, b], sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(json.dumps([MOCK_SKY_VERSION, c, b], sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 def brick_work_paths(out:str|Path, name:str)->tuple[Path, Path]:
     "(truth, sweep) working files of a brick."
@@ -970,6 +986,7 @@ def brick_complete(out:str|Path, brick:dict, h:str)->bool:
         return True
     except (OSError, survey.SurveyFileError, pa.ArrowException, ValueError): return False
 
+# %% ../nbs/05_mocksky.ipynb
 def make_brick(cfg:MockSkyConfig, brick:dict)->dict:
     "Simulate and write one brick (a process-pool task); returns its summary."
     t0 = time.time()
@@ -1024,6 +1041,7 @@ def gather_mock_sky(cfg:MockSkyConfig, plan:pd.DataFrame, bricks:pd.DataFrame)->
     survey.write_bricks(table.reset_index(drop=True), out/survey.BRICKS_RELPATH)
     return truth, sweep, summaries, write_sweeps(out, sweep)
 
+# %% ../nbs/05_mocksky.ipynb
 def sky_counts(truth:pd.DataFrame)->dict:
     "Counts per class (all rows and catalogued), contaminants per kind, LRG hosts with a contaminant, true lenses."
     lrg = truth[truth.cls == 'lrg']
@@ -1071,6 +1089,7 @@ def mock_sky_config(size:str='mock', **overrides)->MockSkyConfig:
     if size not in MOCK_SIZES: raise ValueError(f'unknown mock-sky size {size!r}; known: {sorted(MOCK_SIZES)}')
     return MockSkyConfig(**{**MOCK_SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
 
+# %% ../nbs/05_mocksky.ipynb
 def main(argv:list|None=None)->int:
     "`dhs mock-sky --out DIR [--size S] [--bricks N] [--brick-pixels P] [--seed S] [--lenses L] [--workers W]`."
     ap = argparse.ArgumentParser(prog='dhs mock-sky', description='Write a mock DR10 sky (bricks, sweeps, coadds, truth) to a folder.')
