@@ -16,18 +16,19 @@ import dhs
 from .core import atomic_path, config_dict, is_local, local_path, provenance, seed_from_int64, uri_join, write_json
 from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, MASKBITS, StampOffBrickError, SurveyFileError,
                         bad_pixel_mask, maskbits_value)
-from .lensing import Lens, check_lens, image_positions, ray_shoot, stretch
+from .lensing import Lens, check_lens, image_positions, stretch
+from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
 from .templates import TemplateBank, TemplateSource, hdf_template_bank
-from .psf import convolve, gaussian_kernel, moffat_fwhm_from_psfsize, moffat_kernel
+from .psf import convolve, gaussian_kernel, moffat_fwhm_from_psfsize
 from .stamps import encode_npz, encode_stamps, load_contract, stamp_nbytes, write_stamp_table
 
 # %% auto 0
 __all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS', 'CONSTANT_COLUMNS',
            'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task', 'task_source',
-           'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_arc', 'arc_snr', 'arc_snr_seed',
-           'mask_fractions', 'lens_metrics', 'inject_task', 'write_tiny_sky', 'stamp_table', 'brick_groups',
-           'group_file', 'run_group', 'InjectionFailedError', 'run_inject']
+           'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task', 'mask_fractions', 'lens_metrics',
+           'inject_task', 'write_tiny_sky', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
+           'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
 DECAM_G_EFF = (6000.0, 8000.0, 5000.0)  # electrons per nanomaggy of a DR10 coadd (g, r, z), order of magnitude:
@@ -35,13 +36,14 @@ DECAM_G_EFF = (6000.0, 8000.0, 5000.0)  # electrons per nanomaggy of a DR10 coad
 
 @dataclass
 class InjectConfig:
-    manifest_uri:str = 'outputs/manifest'  # phase 4a output (tasks Parquet under <manifest>/tasks)
+    manifest_uri:str = 'outputs/manifest/tasks'  # phase 4a tasks Parquet (or the manifest folder holding tasks/)
     cache_uri:str = 'outputs/cache'        # coadd root laid out like DR10 (<cache>/south/coadd/...), local
     out_uri:str = 'outputs/stamps'         # output folder: stamps/part-*.parquet, summary, failure report
     stamp_size:int = 64                    # stamp side [pixels]
     psf_model:str = 'gaussian'             # gaussian (FWHM = psfsize) | moffat (beta 3.5, FWHM = 0.811 psfsize)
     moffat_beta:float = 3.5                # Moffat power index
-    oversample:int = 4                     # renderer sub-pixels per pixel and axis
+    supersample:int|None = None            # renderer rays per pixel and axis; None: its adaptive sampling
+    render_tol:float = 1e-3                # adaptive sampling: error per pixel relative to the arc's peak
     shot_noise:bool = False                # add the arc's Poisson noise, variance inj / g_eff
     g_eff:tuple = DECAM_G_EFF              # electrons per nanomaggy per band (g, r, z)
     encoding:str = 'fast'                  # fast (`stamp` only) | npz (also the seed's gzip-NPZ `stamp_npz`)
@@ -117,37 +119,16 @@ def injected_band_fluxes(task:dict, bands=BANDS)->np.ndarray:
     return band_fluxes_from_mag(task['src_mag_r'], task['src_gr'], task['src_rz']) * mw
 
 # %% ../nbs/24_inject.ipynb
-def render_arc(source, lens:Lens,
-               band_fluxes,              # (nb,) total source flux per band [nmgy]
-               psf_fwhm_arcsec,          # (nb,) PSF FWHM per band [arcsec]
-               stamp_size:int=64, dx:float=0.0, dy:float=0.0, # host offset from pixel N//2 [pixels]
-               psf:str='gaussian', oversample:int=4, moffat_beta:float=3.5,
-               pixscale:float=PIXSCALE_ARCSEC)->dict:
-    "Lensed, PSF-convolved source stamp (nb, N, N) [nmgy/pixel], its unconvolved flux per band, and magnification."
-    k = int(oversample)
-    sub = (np.arange(stamp_size * k) + 0.5) / k - 0.5 - stamp_size // 2   # sub-pixel centres [pixels from N//2]
-    x, y = np.meshgrid((sub - dx) * pixscale, (sub - dy) * pixscale)
-    bx, by = ray_shoot(x, y, lens)
-    sb = source.sb_bands(bx, by, band_fluxes)                               # [nmgy/arcsec^2]
-    raw = sb.reshape(len(band_fluxes), stamp_size, k, stamp_size, k).mean((2, 4)) * pixscale**2
-    kern = [moffat_kernel(f, moffat_beta, pixscale) if psf == 'moffat' else gaussian_kernel(f, pixscale) for f in psf_fwhm_arcsec]
-    stamp = np.stack([convolve(raw[i], kern[i]) for i in range(len(kern))])
-    fluxes = raw.sum((1, 2))
-    return dict(stamp=stamp, fluxes=fluxes, magnification=float(fluxes.sum() / np.sum(band_fluxes)))
+def render_task(task:dict, dx:float, dy:float, # host offset from pixel (N//2, N//2) [pixels]
+                psf_fwhm_arcsec,               # (3,) PSF FWHM per band [arcsec]
+                cfg:InjectConfig):
+    "`dhs.render.render_lensed` of a task's source and lens on its stamp grid (a `RenderResult`)."
+    return render_lensed(task_source(task, cfg.template_bank), task_lens(task), injected_band_fluxes(task), psf_fwhm_arcsec,
+                         cfg.stamp_size, PIXSCALE_ARCSEC, dx, dy, psf=cfg.psf_model, supersample=cfg.supersample,
+                         tol=cfg.render_tol, moffat_beta=cfg.moffat_beta)
 
 # %% ../nbs/24_inject.ipynb
 WISE_MASKBITS = maskbits_value('WISEM1', 'WISEM2')
-
-def arc_snr(inj:np.ndarray, invvar:np.ndarray, good:np.ndarray)->np.ndarray:
-    "Matched-filter S/N sqrt(sum(inj^2 invvar)) over good pixels, per band; inj (nb, N, N) [nmgy]."
-    w = np.where(good, np.nan_to_num(invvar), 0.0)
-    return np.sqrt(np.sum(inj.astype(float) ** 2 * w, axis=(-2, -1)))
-
-def arc_snr_seed(inj:np.ndarray, invvar:np.ndarray, good:np.ndarray)->float:
-    "The seed pipeline's sum(inj sqrt(invvar)) / sqrt(sum(inj^2)) (not an S/N: kept for comparison only)."
-    w = np.where(good, np.sqrt(np.clip(np.nan_to_num(invvar), 0, None)), 0.0)
-    den = np.sqrt(np.sum(inj.astype(float) ** 2))
-    return float(np.sum(inj * w) / den) if den > 0 else 0.0
 
 def mask_fractions(maskbits:np.ndarray, bad:np.ndarray)->dict:
     "Fraction of stamp pixels bad in any band, and under a WISE bright-star mask (WISEM1/2)."
@@ -155,36 +136,32 @@ def mask_fractions(maskbits:np.ndarray, bad:np.ndarray)->dict:
 
 # %% ../nbs/24_inject.ipynb
 def lens_metrics(task:dict, lens:Lens)->dict:
-    "Image multiplicity, tangential/radial stretch at the brightest image, and the images' mean radius [arcsec]."
+    "Tangential/radial stretch at the brightest image of the source centre, and the images' |mu|-weighted radius [arcsec]."
     xi, yi, mu = image_positions(task['src_x_arcsec'], task['src_y_arcsec'], lens)
-    if len(xi) == 0: return dict(n_images=0, tangential_stretch=np.nan, radial_stretch=np.nan, expected_arc_radius=np.nan)
+    if len(xi) == 0: return dict(tangential_stretch=np.nan, radial_stretch=np.nan, expected_arc_radius=np.nan)
     j = int(np.argmax(np.abs(mu)))
     t, r = stretch(xi[j], yi[j], lens)
     w = np.abs(mu)
-    return dict(n_images=len(xi), tangential_stretch=float(abs(t)), radial_stretch=float(abs(r)),
+    return dict(tangential_stretch=float(abs(t)), radial_stretch=float(abs(r)),
                 expected_arc_radius=float(np.sum(w * np.hypot(xi, yi)) / w.sum()))
 
 # %% ../nbs/24_inject.ipynb
 FAILURE_KINDS = (SurveyFileError, StampOffBrickError, ValueError, FloatingPointError)  # row failures; anything else is a bug
-
-def _shot_noise(inj:np.ndarray, g_eff, rng)->np.ndarray:
-    "Arc with Poisson noise of variance inj / g_eff [nmgy^2] per band."
-    g = np.asarray(g_eff, float).reshape(-1, 1, 1)
-    return inj + rng.normal(size=inj.shape) * np.sqrt(np.clip(inj, 0, None) / g)
 
 def _failed(task:dict, reason:str, size:int, cutout=None)->tuple:
     "NaN stamp and metrics of a row that could not be made."
     return np.full((3, size, size), np.nan, np.float32), dict(cutout_ok=0, metrics_ok=0, physics_valid=0, failure_reason=reason), cutout
 
 # %% ../nbs/24_inject.ipynb
-def _measure(task:dict, inj:np.ndarray, r:dict, cut:Cutout, lens:Lens, psf:dict, cfg:InjectConfig)->dict:
-    "Arc and lens metrics of a rendered (or shadow) injection."
-    bad = bad_pixel_mask(cut.maskbits, cut.invvar)
-    snr = arc_snr(inj, cut.invvar, ~bad)
+def _measure(task:dict, inj:np.ndarray, r, cut:Cutout, lens:Lens, psf:dict, cfg:InjectConfig)->dict:
+    "Arc and lens metrics of a rendered (or shadow) injection; `r` is its `RenderResult`."
+    bad, masked = bad_pixel_mask(cut.maskbits, cut.invvar), bad_pixel_mask(cut.maskbits)  # (3, N, N); MASKBITS only (N, N)
+    snr = arc_snr_bands(inj, cut.invvar, ~masked)                                          # it adds invvar > 0 per band
     out = dict(arc_snr=float(snr[1]), **{f'arc_snr_{b}': float(s) for b, s in zip(BANDS, snr)},
-               arc_snr_seed=arc_snr_seed(inj[1], cut.invvar[1], ~bad[1]), lensed_flux_r=float(r['fluxes'][1]),
-               lensed_mag_r=float(nmgy_to_mag(r['fluxes'][1])), total_injected_flux_r=float(inj[1].sum()),
-               magnification=r['magnification'], **lens_metrics(task, lens), **mask_fractions(cut.maskbits, bad),
+               arc_snr_seed=arc_snr_seed(inj[1], cut.invvar[1], ~masked), lensed_flux_r=float(r.flux_lensed[1]),
+               lensed_mag_r=float(nmgy_to_mag(r.flux_lensed[1])), total_injected_flux_r=float(inj[1].sum()),
+               magnification=float(r.magnification), n_images=int(r.multiplicity), **lens_metrics(task, lens),
+               **mask_fractions(cut.maskbits, bad),
                stamp_dx_pix=cut.dx, stamp_dy_pix=cut.dy, psf_fallback=psf['fallback'], psf_model=cfg.psf_model)
     for i, b in enumerate(BANDS):
         out.update({f'psf_fwhm_used_{b}': float(psf['fwhm'][i]), f'psf_source_{b}': psf['source'][i],
@@ -211,9 +188,8 @@ def _inject(task:dict, brick:BrickImages, cfg:InjectConfig)->tuple:
     except (StampOffBrickError, SurveyFileError, ValueError) as e: return _failed(task, f'cutout: {e}', N)
     try:
         psf, lens = psf_for_task(cut.psfsize, task, cfg.psf_model), task_lens(task)
-        r = render_arc(task_source(task, cfg.template_bank), lens, injected_band_fluxes(task), psf['fwhm'], N, cut.dx, cut.dy,
-                       cfg.psf_model, cfg.oversample, cfg.moffat_beta)
-        inj = _shot_noise(r['stamp'], cfg.g_eff, task_stream(task['task_seed64'], 'shot_noise')) if cfg.shot_noise else r['stamp']
+        r = render_task(task, cut.dx, cut.dy, psf['fwhm'], cfg)
+        inj = add_shot_noise(r.stamp, cfg.g_eff, task_stream(task['task_seed64'], 'shot_noise')) if cfg.shot_noise else r.stamp
         m = _measure(task, inj, r, cut, lens, psf, cfg)
     except FAILURE_KINDS as e: return _failed(task, f'render: {type(e).__name__}: {e}', N, cut)
     stamp = cut.image.copy() if int(task['is_control']) else (cut.image.astype(np.float64) + inj).astype(np.float32)
@@ -472,6 +448,11 @@ def _failure_message(report:dict, cfg:InjectConfig)->str:
     return '\n'.join(lines)
 
 # %% ../nbs/24_inject.ipynb
+def tasks_uri(manifest_uri:str)->str:
+    "The tasks Parquet of a manifest: `<uri>/tasks` when `uri` is a phase 4a output folder, else `uri`."
+    if is_local(manifest_uri) and (local_path(manifest_uri)/'tasks').is_dir(): return uri_join(manifest_uri, 'tasks')
+    return manifest_uri
+
 def _write_report(obj:dict, uri:str):
     if is_local(uri): write_json(obj, local_path(uri)); return
     import fsspec
@@ -480,7 +461,7 @@ def _write_report(obj:dict, uri:str):
 def _tasks_with_groups(spark, cfg:InjectConfig):
     "Manifest tasks (Spark) with their brick group; the brick -> group map."
     from pyspark.sql import functions as F
-    tasks = spark.read.parquet(uri_join(cfg.manifest_uri, 'tasks'))
+    tasks = spark.read.parquet(tasks_uri(cfg.manifest_uri))
     counts = {r['brickname']: int(r['count']) for r in tasks.groupBy('brickname').count().collect()}
     groups = brick_groups(counts, cfg.tasks_per_file)
     gdf = spark.createDataFrame(pd.DataFrame({'brickname': list(groups), 'group': list(groups.values())}))
@@ -516,3 +497,84 @@ def run_inject(cfg:InjectConfig, spark=None)->dict:
         _write_report(report, uri_join(cfg.out_uri, 'inject_failures.json'))
         raise InjectionFailedError(_failure_message(report, cfg))
     return summary
+
+
+
+
+# %% ../nbs/24_inject.ipynb
+def _bare_init(bank:str):
+    "Warm a bare-loop worker: imports done, template bank loaded."
+    template_bank(bank)
+
+def _bare_group(args)->int:
+    "Bare loop over one brick group: cut + render + metrics, nothing written."
+    tasks, cfg = args
+    return int(len(run_group(tasks, cfg, None)))
+
+def _subset_bricks(tasks:pd.DataFrame, n_tasks:int|None)->pd.DataFrame:
+    "Whole bricks (in name order) until at least `n_tasks` tasks."
+    if not n_tasks: return tasks
+    counts = tasks.groupby('brickname').size().sort_index()
+    keep = counts.index[: int(np.searchsorted(counts.cumsum().to_numpy(), n_tasks) + 1)]
+    return tasks[tasks['brickname'].isin(keep)].reset_index(drop=True)
+
+# %% ../nbs/24_inject.ipynb
+def bench_inject_job(cfg:InjectConfig, spark=None, n_tasks:int|None=1000, processes:int=2, workdir:str|None=None, log=print)->dict:
+    "Tasks/s of the bare loop (`processes` processes) and of the Spark job on the same tasks, and their ratio."
+    import multiprocessing as mp, shutil, tempfile
+    from dhs.spark import get_spark
+    tasks = _subset_bricks(pq.read_table(tasks_uri(cfg.manifest_uri)).to_pandas(), n_tasks)
+    work = Path(workdir or tempfile.mkdtemp(prefix='dhs-bench-inject-'))
+    shutil.rmtree(work/'out', ignore_errors=True); (work/'manifest'/'tasks').mkdir(parents=True, exist_ok=True)
+    tasks.to_parquet(work/'manifest'/'tasks'/'part-0.parquet')
+    groups = brick_groups(tasks.groupby('brickname').size().to_dict(), cfg.tasks_per_file)
+    jobs = [(gt.drop(columns='g'), cfg) for _, gt in tasks.assign(g=tasks['brickname'].map(groups)).groupby('g')]
+    with mp.get_context('spawn').Pool(processes, initializer=_bare_init, initargs=(cfg.template_bank,)) as pool:
+        pool.map(_bare_group, [(jobs[0][0].head(2), cfg)] * processes, chunksize=1)   # warm-up
+        t0 = time.perf_counter(); n_bare = sum(pool.imap_unordered(_bare_group, jobs, chunksize=1)); t_bare = time.perf_counter() - t0
+    spark = spark or get_spark()
+    scfg = replace(cfg, manifest_uri=str(work/'manifest'), out_uri=str(work/'out'))
+    t0 = time.perf_counter(); s = run_inject(scfg, spark); t_spark = time.perf_counter() - t0
+    out = dict(n_tasks=len(tasks), n_bricks=len(groups), n_groups=len(jobs), processes=processes,
+               spark_master=spark.sparkContext.master, bare_seconds=round(t_bare, 2), spark_seconds=round(t_spark, 2),
+               bare_rate=round(n_bare / t_bare, 1), spark_rate=round(s['n_rows'] / t_spark, 1))
+    out['ratio'] = round(out['spark_rate'] / out['bare_rate'], 3)
+    log(f"bare loop: {out['bare_rate']} tasks/s ({processes} processes) | Spark job: {out['spark_rate']} tasks/s "
+        f"({out['spark_master']}) | ratio {out['ratio']} on {out['n_tasks']} tasks, {out['n_groups']} files")
+    return out
+
+# %% ../nbs/24_inject.ipynb
+def _parser()->argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='dhs inject', description='phase 4c: cut stamps, inject lensed sources, measure them (Spark)')
+    ap.add_argument('--manifest', required=True, help='phase 4a tasks Parquet (or the manifest folder holding tasks/)')
+    ap.add_argument('--cache', required=True, help='coadd root laid out like DR10 (local)')
+    ap.add_argument('--out', required=True, help='output folder (stamps/part-*.parquet, inject_summary.json)')
+    ap.add_argument('--psf', default='gaussian', choices=['gaussian', 'moffat'], help='PSF model')
+    ap.add_argument('--shot-noise', action='store_true', help="add the arc's Poisson noise")
+    ap.add_argument('--g-eff', type=float, nargs=3, default=DECAM_G_EFF, metavar=('G', 'R', 'Z'), help='electrons per nanomaggy')
+    ap.add_argument('--encoding', default='fast', choices=['fast', 'npz'], help='npz also writes the seed\'s stamp_npz')
+    ap.add_argument('--write-masks', action='store_true', help='also write invvar and maskbits stamps')
+    ap.add_argument('--template-bank', default='hdf', help="'hdf' or a TemplateBank .npz path")
+    ap.add_argument('--supersample', type=int, default=None, help='renderer rays per pixel and axis (default: adaptive)')
+    ap.add_argument('--max-fail-frac', type=float, default=0.01, help='fail the run above this fraction of failed rows')
+    ap.add_argument('--tasks-per-file', type=int, default=1000, help='target rows per output file (whole bricks)')
+    ap.add_argument('--master', default=None, help='Spark master (default: local[*], or the session of spark-submit)')
+    ap.add_argument('--bench', type=int, default=0, metavar='N', help='instead of a run: time the bare loop and the Spark job on ~N tasks')
+    ap.add_argument('--bench-processes', type=int, default=2, help='processes of the bare loop in --bench')
+    return ap
+
+def main(argv:list|None=None)->int:
+    "`dhs inject`: phase 4c on Spark (or `--bench N`: bare loop vs Spark job)."
+    a = _parser().parse_args(argv)
+    cfg = InjectConfig(manifest_uri=a.manifest, cache_uri=a.cache, out_uri=a.out, psf_model=a.psf, shot_noise=a.shot_noise,
+                       g_eff=tuple(a.g_eff), encoding=a.encoding, write_masks=a.write_masks, template_bank=a.template_bank,
+                       supersample=a.supersample, max_fail_frac=a.max_fail_frac, tasks_per_file=a.tasks_per_file)
+    from dhs.spark import get_spark, SparkConfig
+    spark = get_spark(SparkConfig(master=a.master) if a.master else None)
+    if a.bench:
+        print(json.dumps(bench_inject_job(cfg, spark, a.bench, a.bench_processes, str(Path(a.out)/'bench'), log=print), indent=1)); return 0
+    try: s = run_inject(cfg, spark)
+    except InjectionFailedError as e:
+        print(f'dhs inject: FAILED\n{e}', file=sys.stderr); return 1
+    print(json.dumps({k: s[k] for k in ('n_rows', 'n_failed', 'failed_fraction', 'reasons', 'n_groups', 'groups_skipped', 'seconds')}, indent=1))
+    return 0
