@@ -239,24 +239,24 @@ def _tiny_brick_pixels(rng, hosts:pd.DataFrame, wcs, pixels:int, psf:np.ndarray,
     return image.astype(np.float32), invvar, psfsize
 
 # %% ../nbs/24_inject.ipynb
-def _tiny_tasks(hosts:pd.DataFrame, experiment:str, split:str, region:int, source_kinds:dict)->pd.DataFrame:
-    "A positive and a paired control per host, parameters drawn with phase 4a's `draw_task`."
+def _tiny_tasks(hosts:pd.DataFrame, experiment:str, split:str, region:int, source_kinds:dict, tasks_per_host:int=1)->pd.DataFrame:
+    "Positives (`tasks_per_host` replicates) and a paired control each per host, parameters drawn with phase 4a's `draw_task`."
     from dhs.manifest import DrawConfig, draw_task
     bank = template_bank('hdf')
     draw = DrawConfig(source_kinds=source_kinds, n_templates_train=len(bank.split_ids('train')),
                       n_templates_test=len(bank.split_ids('test')))
     rows = []
-    for h in hosts.to_dict('records'):
-        tid = f'{experiment}-{h["host_id"]}-0'
+    for h, k in ((h, k) for h in hosts.to_dict('records') for k in range(tasks_per_host)):
+        tid = f'{experiment}-{h["host_id"]}-{k}'
         for task_id, ctl, kind in ((tid, 0, 'none'), (f'{tid}-c0', 1, 'paired')):
             rows.append({**h, 'task_id': task_id, 'partner_task_id': tid, 'is_control': ctl, 'control_kind': kind,
-                         'replicate': 0, 'region_split': split, 'region_id': region,
+                         'replicate': k, 'region_split': split, 'region_id': region,
                          **draw_task(task_id, experiment, h, split, draw)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/24_inject.ipynb
 def write_tiny_sky(base:str|Path,            # folder to write bricks under (DR10 layout)
-                   n_bricks:int=2, pixels:int=160, hosts_per_brick:int=4, seed:int=0,
+                   n_bricks:int=2, pixels:int=160, hosts_per_brick:int=4, seed:int=0, tasks_per_host:int=1,
                    psf_hole:bool=True,        # psfsize = 0 around the first host of brick 0 (no coverage)
                    masks:bool=True,           # a WISEM1 patch in brick 0 and a BRIGHT patch in brick 1
                    source_kinds:dict|None=None, experiment:str='tiny')->pd.DataFrame:
@@ -278,7 +278,8 @@ def write_tiny_sky(base:str|Path,            # folder to write bricks under (DR1
         for j, b in enumerate('grz'):
             hosts[f'psfsize_{b}'], hosts[f'psfdepth_{b}'], hosts[f'galdepth_{b}'] = psf[j], depth[j] * 1.5, depth[j]
         hosts['depth5_r'] = depth5_mag(hosts['galdepth_r'])
-        out.append(_tiny_tasks(hosts, experiment, splits[i % 3], i, source_kinds or {'sersic': 0.5, 'clumpy': 0.25, 'template': 0.25}))
+        kinds = source_kinds or {'sersic': 0.5, 'clumpy': 0.25, 'template': 0.25}
+        out.append(_tiny_tasks(hosts, experiment, splits[i % 3], i, kinds, tasks_per_host))
     return _manifest_columns(pd.concat(out, ignore_index=True), experiment)
 
 def _manifest_columns(t:pd.DataFrame, experiment:str)->pd.DataFrame:
@@ -419,10 +420,9 @@ def _prepare_out(stamps_uri:str, n_groups:int)->set:
     return {int(n.split('-')[1]) for n in names}
 
 # %% ../nbs/24_inject.ipynb
-def _check_output(stamps_uri:str, tasks_sdf, cfg:InjectConfig)->dict:
-    "Read back what was written: duplicates, missing tasks, failed fraction and the worst bricks."
-    got = pq.read_table(stamps_uri, columns=['task_id', 'brickname', 'cutout_ok', 'failure_reason', 'region_split', 'is_control']).to_pandas()
-    want = {r['task_id'] for r in tasks_sdf.select('task_id').collect()}
+def _check_output(stamps_uri:str, want:set, cfg:InjectConfig)->dict:
+    "Read back what was written: duplicates, tasks missing from `want` (the manifest's ids), failed fraction and the worst bricks."
+    got = _read_parquet(stamps_uri, ['task_id', 'brickname', 'cutout_ok', 'failure_reason', 'region_split', 'is_control'])
     dup = got['task_id'][got['task_id'].duplicated()].unique().tolist()
     missing, extra = sorted(want - set(got['task_id'])), sorted(set(got['task_id']) - want)
     if dup or missing or extra:
@@ -458,14 +458,20 @@ def _write_report(obj:dict, uri:str):
     import fsspec
     with fsspec.open(uri, 'w') as f: json.dump(obj, f, indent=2, default=str)
 
-def _tasks_with_groups(spark, cfg:InjectConfig):
-    "Manifest tasks (Spark) with their brick group; the brick -> group map."
+def _read_parquet(uri:str, columns:list)->pd.DataFrame:
+    "Some columns of a Parquet file or folder, local or any fsspec URI (driver side)."
+    if is_local(uri): return pq.read_table(local_path(uri), columns=columns).to_pandas()
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
+
+def _partition_keys(spark, n:int)->list[int]:
+    "For k = 0..n-1 a long whose Spark hash partition among n is k (so each group gets a partition of its own)."
     from pyspark.sql import functions as F
-    tasks = spark.read.parquet(tasks_uri(cfg.manifest_uri))
-    counts = {r['brickname']: int(r['count']) for r in tasks.groupBy('brickname').count().collect()}
-    groups = brick_groups(counts, cfg.tasks_per_file)
-    gdf = spark.createDataFrame(pd.DataFrame({'brickname': list(groups), 'group': list(groups.values())}))
-    return tasks.join(F.broadcast(gdf), 'brickname'), groups
+    rows = (spark.range(0, 64 * n).select('id', F.expr(f'pmod(hash(id), {n})').alias('p'))
+            .groupBy('p').agg(F.min('id').alias('key')).collect())
+    keys = {int(r['p']): int(r['key']) for r in rows}
+    return [keys[k] for k in range(n)]
 
 # %% ../nbs/24_inject.ipynb
 def _spark_schema(schema:pa.Schema):
@@ -475,22 +481,29 @@ def _spark_schema(schema:pa.Schema):
     return StructType([StructField(f.name, m[f.type], True) for f in schema])
 
 # %% ../nbs/24_inject.ipynb
+def _run_groups(spark, uri:str, cfg:InjectConfig, stamps_uri:str, groups:dict, todo:list, n_groups:int)->list:
+    "The Spark job: tasks of the `todo` groups, one partition per group, through `_run_partition`; the status rows."
+    from pyspark.sql import functions as F
+    keys, rank = _partition_keys(spark, len(todo)), {g: i for i, g in enumerate(todo)}
+    gmap = pd.DataFrame([(b, g, keys[rank[g]]) for b, g in groups.items() if g in rank], columns=['brickname', 'group', '_pkey'])
+    tasks = spark.read.parquet(uri).join(F.broadcast(spark.createDataFrame(gmap)), 'brickname')
+    fn = lambda batches: _run_partition(batches, cfg, stamps_uri, n_groups)
+    return tasks.repartition(len(todo), '_pkey').drop('_pkey').mapInArrow(fn, _spark_schema(STATUS_SCHEMA)).collect()
+
+# %% ../nbs/24_inject.ipynb
 def run_inject(cfg:InjectConfig, spark=None)->dict:
     "Phase 4c: the stamps of every manifest task, written under `cfg.out_uri`/stamps; a summary dict."
-    from pyspark.sql import functions as F
     from dhs.spark import get_spark
     t0, spark = time.time(), spark or get_spark()
-    tasks, groups = _tasks_with_groups(spark, cfg)
-    n_groups, stamps_uri = max(groups.values(), default=-1) + 1, uri_join(cfg.out_uri, 'stamps')
+    uri, stamps_uri = tasks_uri(cfg.manifest_uri), uri_join(cfg.out_uri, 'stamps')
+    index = _read_parquet(uri, ['task_id', 'brickname'])                       # driver side: no Spark job
+    groups = brick_groups(index['brickname'].value_counts().to_dict(), cfg.tasks_per_file)
+    n_groups = max(groups.values(), default=-1) + 1
     done = _prepare_out(stamps_uri, n_groups)
-    todo = tasks.where(~F.col('group').isin(sorted(done))) if done else tasks
-    n_todo = n_groups - len(done)
-    status = []
-    if n_todo > 0:
-        fn = lambda it: _run_partition(it, cfg, stamps_uri, n_groups)
-        status = todo.repartitionByRange(n_todo, 'group').mapInArrow(fn, _spark_schema(STATUS_SCHEMA)).collect()
-    report = _check_output(stamps_uri, tasks, cfg)
-    summary = provenance(cfg, phase='inject', n_groups=n_groups, groups_skipped=len(done), groups_run=len(set(r['group'] for r in status)),
+    todo = sorted(set(groups.values()) - done)
+    status = _run_groups(spark, uri, cfg, stamps_uri, groups, todo, n_groups) if todo else []
+    report = _check_output(stamps_uri, set(index['task_id']), cfg)
+    summary = provenance(cfg, phase='inject', n_groups=n_groups, groups_skipped=len(done), groups_run=len({r['group'] for r in status}),
                          rows_written_now=len(status), seconds=round(time.time() - t0, 2), **report)
     _write_report(summary, uri_join(cfg.out_uri, 'inject_summary.json'))
     if report['failed_fraction'] > cfg.max_fail_frac:
@@ -533,6 +546,7 @@ def bench_inject_job(cfg:InjectConfig, spark=None, n_tasks:int|None=1000, proces
         pool.map(_bare_group, [(jobs[0][0].head(2), cfg)] * processes, chunksize=1)   # warm-up
         t0 = time.perf_counter(); n_bare = sum(pool.imap_unordered(_bare_group, jobs, chunksize=1)); t_bare = time.perf_counter() - t0
     spark = spark or get_spark()
+    spark.range(1000).count()  # the session is up before the clock starts (its first query loads the JVM's classes)
     scfg = replace(cfg, manifest_uri=str(work/'manifest'), out_uri=str(work/'out'))
     t0 = time.perf_counter(); s = run_inject(scfg, spark); t_spark = time.perf_counter() - t0
     out = dict(n_tasks=len(tasks), n_bricks=len(groups), n_groups=len(jobs), processes=processes,
