@@ -139,9 +139,10 @@ def lens_metrics(task:dict, lens:Lens)->dict:
     "Tangential/radial stretch at the brightest image of the source centre, and the images' |mu|-weighted radius [arcsec]."
     xi, yi, mu = image_positions(task['src_x_arcsec'], task['src_y_arcsec'], lens)
     if len(xi) == 0: return dict(tangential_stretch=np.nan, radial_stretch=np.nan, expected_arc_radius=np.nan)
-    j = int(np.argmax(np.abs(mu)))
-    t, r = stretch(xi[j], yi[j], lens)
     w = np.abs(mu)
+    if not np.isfinite(w).all(): w = np.isinf(w).astype(float)  # a source on the caustic: its critical-curve images
+    j = int(np.argmax(w))
+    with np.errstate(divide='ignore'): t, r = stretch(xi[j], yi[j], lens)
     return dict(tangential_stretch=float(abs(t)), radial_stretch=float(abs(r)),
                 expected_arc_radius=float(np.sum(w * np.hypot(xi, yi)) / w.sum()))
 
