@@ -25,9 +25,9 @@ from .stamps import encode_npz, encode_stamps, load_contract, stamp_nbytes, writ
 
 # %% auto 0
 __all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS', 'CONSTANT_COLUMNS',
-           'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task', 'task_source',
-           'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task', 'mask_fractions', 'lens_metrics',
-           'inject_task', 'write_tiny_sky', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
+           'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task', 'template_bank_id',
+           'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task', 'mask_fractions',
+           'lens_metrics', 'inject_task', 'write_tiny_sky', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
            'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
@@ -79,6 +79,11 @@ def template_for_task(bank:TemplateBank, split:str, index:int):
     return bank[ids[int(index)]]
 
 # %% ../nbs/24_inject.ipynb
+def template_bank_id(task:dict, bank_name:str='hdf')->int:
+    "The bank id of a template task's galaxy (-1 for other source kinds)."
+    if task['source_kind'] != 'template': return -1
+    return int(template_for_task(template_bank(bank_name), task['region_split'], task['template_id']).id)
+
 def task_source(task:dict, bank_name:str='hdf'):
     "Unit-flux source of a task, centred at (src_x_arcsec, src_y_arcsec)."
     kind, r_eff, q, phi = task['source_kind'], task['src_reff_arcsec'], task['src_q'], task['src_phi_rad']
@@ -99,7 +104,8 @@ def psf_for_task(stamp_psfsize,   # (3,) psfsize map at the stamp centre [arcsec
     for b, v in zip(bands, np.asarray(stamp_psfsize, float)):
         if np.isfinite(v) and v > 0: used.append(float(v)); source.append('coadd')
         else:
-            v = float(task.get(f'psfsize_{b}') or np.nan)
+            v = task.get(f'psfsize_{b}')
+            v = float('nan') if v is None else float(v)
             if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"no PSF for band {b}: the coadd psfsize is 0 at the stamp centre and the sweep PSFSIZE_{b.upper()} is {v}")
             used.append(v); source.append('sweep')
@@ -162,7 +168,7 @@ def _measure(task:dict, inj:np.ndarray, r, cut:Cutout, lens:Lens, psf:dict, cfg:
                arc_snr_seed=arc_snr_seed(inj[1], cut.invvar[1], ~masked), lensed_flux_r=float(r.flux_lensed[1]),
                lensed_mag_r=float(nmgy_to_mag(r.flux_lensed[1])), total_injected_flux_r=float(inj[1].sum()),
                magnification=float(r.magnification), n_images=int(r.multiplicity), **lens_metrics(task, lens),
-               **mask_fractions(cut.maskbits, bad),
+               **mask_fractions(cut.maskbits, bad), template_bank_id=template_bank_id(task, cfg.template_bank),
                stamp_dx_pix=cut.dx, stamp_dy_pix=cut.dy, psf_fallback=psf['fallback'], psf_model=cfg.psf_model)
     for i, b in enumerate(BANDS):
         out.update({f'psf_fwhm_used_{b}': float(psf['fwhm'][i]), f'psf_source_{b}': psf['source'][i],
@@ -303,7 +309,7 @@ TASK_COLUMNS = {  # manifest columns carried into the stamp table, with their Ar
     'region_id': _L, 'task_seed64': _L, 'is_control': _I, 'replicate': _I, 'template_id': _I,
     **{c: _I for c in ('psf_bin', 'depth_bin', 'zmag_bin', 'shape_bin')}, 'near_known_lens': _B}
 METRIC_COLUMNS = {
-    **{c: _I for c in ('cutout_ok', 'metrics_ok', 'physics_valid', 'n_images')},
+    **{c: _I for c in ('cutout_ok', 'metrics_ok', 'physics_valid', 'n_images')}, 'template_bank_id': _L,
     **{c: _S for c in ('failure_reason', 'physics_warnings', 'psf_model', *(f'psf_source_{b}' for b in BANDS))},
     **{c: _F for c in ('arc_snr', 'arc_snr_g', 'arc_snr_r', 'arc_snr_z', 'arc_snr_seed', 'lensed_flux_r', 'lensed_mag_r',
                        'total_injected_flux_r', 'magnification', 'tangential_stretch', 'radial_stretch', 'expected_arc_radius',

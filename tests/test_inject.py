@@ -60,6 +60,9 @@ def test_job_covers_manifest_and_validates(job, capsys):
     assert s['n_groups'] >= 2 and len(list(Path(cfg.out_uri, 'stamps').glob('part-*.parquet'))) == s['n_groups']
     assert set(meta['source_kind']) == {'sersic', 'clumpy', 'template'}
     assert set(meta['control_kind']) >= {'none', 'paired', 'unpaired'}
+    test_ids, tmpl = set(hdf_template_bank().split_ids('test')), meta[meta.source_kind == 'template']
+    assert (tmpl.template_bank_id.isin(test_ids) == (tmpl.region_split == 'test')).all()   # no galaxy crosses the splits
+    assert (meta.loc[meta.source_kind != 'template', 'template_bank_id'] == -1).all()
     assert meta['cutout_ok'].mean() > 0.9 and meta['pipeline_version'].eq(inject.dhs.__version__).all()
     ok = meta['cutout_ok'] == 1
     assert np.isfinite(images[ok.to_numpy()]).all()
