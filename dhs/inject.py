@@ -504,6 +504,7 @@ def run_inject(cfg:InjectConfig, spark=None)->dict:
     t0, spark = time.time(), spark or get_spark()
     uri, stamps_uri = tasks_uri(cfg.manifest_uri), uri_join(cfg.out_uri, 'stamps')
     index = _read_parquet(uri, ['task_id', 'brickname'])                       # driver side: no Spark job
+    if not len(index): raise ValueError(f'{uri}: the manifest has no tasks; run phase 4a (dhs manifest) first')
     groups = brick_groups(index['brickname'].value_counts().to_dict(), cfg.tasks_per_file)
     n_groups = max(groups.values(), default=-1) + 1
     done = _prepare_out(stamps_uri, n_groups)
