@@ -17,8 +17,8 @@ from .core import atomic_path, task_seed
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
-           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_BUNIT',
-           'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
+           'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_TILE',
+           'COADD_BUNIT', 'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
            'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
            'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
            'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
@@ -170,8 +170,9 @@ def write_bricks(df:pd.DataFrame, # bricks table (as from `make_bricks_table`)
 # %% ../nbs/01_survey.ipynb
 def _native(values:np.ndarray)->np.ndarray:
     "Column in native byte order; byte strings decoded and stripped."
-    if values.dtype.kind == 'S': return np.char.strip(np.char.decode(values, 'ascii')).astype(object)
-    return values.astype(values.dtype.newbyteorder('='))
+    if values.dtype.kind == 'S': values = np.char.strip(np.char.decode(values, 'ascii')).astype(object)
+    else: values = values.astype(values.dtype.newbyteorder('='))
+    return list(values) if values.ndim > 1 else values  # vector columns (e.g. DR10 DCHISQ) become one array per row
 
 def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, what:str='table')->pd.DataFrame:
     "Read a FITS binary table into a native-endian DataFrame with upper-case names; `SurveyFileError` names the file on any problem."
@@ -181,7 +182,7 @@ def read_fits_table(path:str|Path, columns:list[str]|None=None, ext:int|str=1, w
             have = {c.upper(): c for c in f[ext].get_colnames()}
             want = [c.upper() for c in columns] if columns is not None else list(have)
             missing = [c for c in want if c not in have]
-            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {list(have)}. Is this the right file?')
+            if missing: raise SurveyFileError(f'{path}: {what} lacks column(s) {missing}; it has {len(have)} columns, e.g. {list(have)[:12]}. Is this the right file?')
             arr = f[ext].read(columns=[have[c] for c in want])
     except SurveyFileError: raise
     except Exception as e: raise SurveyFileError(f'{path}: cannot read {what} from HDU {ext} ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
@@ -263,6 +264,7 @@ COADD_COMPRESSION = {  # fitsio tile-compression settings per coadd kind
     'psfsize':  dict(compress='RICE', qlevel=-1e-4, qmethod='SUBTRACTIVE_DITHER_2'),  # absolute step 1e-4 arcsec
     'maskbits': dict(compress='RICE'),                                                # int32, lossless
 }
+COADD_TILE = (100, 100)  # compression tile [pixels]
 COADD_BUNIT = {'image': 'nanomaggy', 'invvar': '1/nanomaggy^2', 'psfsize': 'arcsec'}
 
 def _wcs_cards(wcs:WCS)->list[dict]:
@@ -303,6 +305,8 @@ def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpa
     coadd_relpath(brick, kind, band)  # validates kind and band
     data = np.asarray(data)
     if data.ndim != 2: raise ValueError(f'{path}: coadd data must be 2-D, got shape {data.shape}')
+    if wcs.pixel_shape is not None and tuple(wcs.pixel_shape) != data.shape[::-1]:
+        raise ValueError(f'{path}: data is {data.shape[1]}x{data.shape[0]} pixels but the WCS is for {wcs.pixel_shape[0]}x{wcs.pixel_shape[1]}; use brick_wcs(ra, dec, npix) with the data size')
     if kind == 'maskbits':
         if data.dtype.kind not in 'iu' or data.min(initial=0) < 0 or data.max(initial=0) >= 2**31: raise ValueError(f'{path}: maskbits must be non-negative integers < 2**31, got {data.dtype}')
         data = data.astype(np.int32)
@@ -310,7 +314,7 @@ def write_coadd(path:str|Path,       # destination, normally <base>/<coadd_relpa
     cards = _wcs_cards(wcs) + _coadd_cards(kind, band, brick, bands)
     dither = 1 + task_seed(f'{brick}-{kind}-{band}') % 10000  # cfitsio accepts 1..10000
     with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f:
-        f.write(data, header=cards, dither_seed=dither, **COADD_COMPRESSION[kind])
+        f.write(data, header=cards, dither_seed=dither, tile_dims=COADD_TILE, **COADD_COMPRESSION[kind])
 
 # %% ../nbs/01_survey.ipynb
 def read_coadd(path:str|Path)->tuple[np.ndarray, fits.Header]:
