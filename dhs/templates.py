@@ -12,9 +12,10 @@ from .core import atomic_path
 from .sources import Source
 
 # %% auto 0
-__all__ = ['HDF_GAMMA', 'HDF_STARS', 'Template', 'moment_shape', 'half_light_radius', 'clean_cutout', 'make_template',
-           'hdf_luminance', 'segment', 'HDFBankConfig', 'TemplateBank', 'save_template_bank', 'load_template_bank',
-           'build_hdf_bank', 'hdf_template_bank', 'TemplateSource', 'template_from_stamp', 'load_cosmos_templates']
+__all__ = ['HDF_GAMMA', 'HDF_STARS', 'Template', 'moment_shape', 'half_light_radius', 'clean_cutout', 'bilinear_upsample',
+           'make_template', 'hdf_luminance', 'segment', 'HDFBankConfig', 'TemplateBank', 'save_template_bank',
+           'load_template_bank', 'build_hdf_bank', 'hdf_template_bank', 'TemplateSource', 'template_from_stamp',
+           'load_cosmos_templates']
 
 # %% ../nbs/13_templates.ipynb
 @dataclasses.dataclass
@@ -65,11 +66,19 @@ def clean_cutout(cutout:np.ndarray,   # background-subtracted intensities
     return (img / img.sum()).astype(np.float32)
 
 # %% ../nbs/13_templates.ipynb
-def make_template(id:int, cutout:np.ndarray, labels:np.ndarray, own:int, grow:int=3, pad:int=2)->Template:
-    "Clean a cutout, pad it with zeros and measure centroid, moment shape and half-light radius."
+def bilinear_upsample(image:np.ndarray, k:int=4)->np.ndarray:
+    "The bilinear interpolant of `image` (zero outside) sampled k x k times per pixel; fine pixel i sits at (i + 0.5)/k - 0.5."
+    c = (np.arange(image.shape[0] * k) + 0.5) / k - 0.5, (np.arange(image.shape[1] * k) + 0.5) / k - 0.5
+    rows, cols = np.meshgrid(*c, indexing='ij')
+    return ndi.map_coordinates(np.asarray(image, dtype=float), [rows, cols], order=1, mode='grid-constant', cval=0.0) / k**2
+
+def make_template(id:int, cutout:np.ndarray, labels:np.ndarray, own:int, grow:int=3, pad:int=2, k:int=4)->Template:
+    "Clean a cutout, pad it with zeros and measure centroid, moment shape and half-light radius of its bilinear interpolant."
     img = np.pad(clean_cutout(cutout, labels, own, grow), pad)
-    cx, cy, q, phi = moment_shape(img)
-    return Template(int(id), img, cx, cy, half_light_radius(img, cx, cy, q, phi), q, phi)
+    fine = bilinear_upsample(img, k)                       # what `TemplateSource` renders
+    fx, fy, q, phi = moment_shape(fine)
+    to_coarse = lambda f: (f + 0.5) / k - 0.5
+    return Template(int(id), img, to_coarse(fx), to_coarse(fy), half_light_radius(fine, fx, fy, q, phi) / k, q, phi)
 
 # %% ../nbs/13_templates.ipynb
 HDF_GAMMA = 2.2  # display transfer undone to approximate linear intensity (see the introduction)
@@ -133,14 +142,15 @@ class TemplateBank:
     def __getitem__(self, id:int)->Template: return self.templates[int(id)]
     def __repr__(self): return f'TemplateBank({self.name!r}, {len(self)} templates)'
 
+    def is_test(self, id:int)->bool:
+        "True if template `id` is held out for test stamps: blake2b(name:id) / 2^64 < test_fraction."
+        h = int.from_bytes(hashlib.blake2b(f'{self.name}:{int(id)}'.encode(), digest_size=8).digest(), 'little')
+        return h / 2.0**64 < self.test_fraction
+
     def split_ids(self, split:str)->np.ndarray:
-        "Sorted ids of split 'train' or 'test' (the lowest `test_fraction` of ids ranked by blake2b(name:id))."
+        "Sorted ids of split 'train' or 'test'."
         if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        ids = self.ids
-        h = [hashlib.blake2b(f'{self.name}:{i}'.encode(), digest_size=8).digest() for i in ids]
-        n_test = int(round(self.test_fraction * len(ids)))
-        test = set(ids[np.argsort(h, kind='stable')[:n_test]].tolist())
-        return np.array([i for i in ids if (i in test) == (split == 'test')], dtype=np.int64)
+        return np.array([i for i in self.ids if self.is_test(i) == (split == 'test')], dtype=np.int64)
 
     def draw(self, rng:np.random.Generator, split:str='train')->Template:
         "A template drawn uniformly from one split with the task's generator."
@@ -227,6 +237,15 @@ class TemplateSource(Source):
         vals = ndi.map_coordinates(self.template.image.astype(float), [np.ravel(row), np.ravel(col)],
                                    order=1, mode='grid-constant', cval=0.0)
         return vals.reshape(np.shape(row)) / self.scale**2
+
+    def smoothed(self, sigma_arcsec:float)->TemplateSource:
+        "Same source convolved with a circular Gaussian of `sigma_arcsec` (flux kept), for coarse sampling grids."
+        sig_pix = sigma_arcsec / self.scale
+        pad = int(np.ceil(4 * sig_pix)) + 1
+        t = self.template
+        img = ndi.gaussian_filter(np.pad(t.image.astype(float), pad), sig_pix, mode='constant', cval=0.0)
+        t2 = dataclasses.replace(t, image=(img / img.sum()).astype(np.float32), cx=t.cx + pad, cy=t.cy + pad)
+        return TemplateSource(t2, self.r_eff, self.q, self.phi, self.x0, self.y0)
 
     def params(self)->dict: return dict(kind='template', template_id=self.template.id, r_eff=self.r_eff, q=self.q, phi=self.phi, x0=self.x0, y0=self.y0)
     def __repr__(self): return f'TemplateSource({self.params()})'
