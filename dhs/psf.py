@@ -35,6 +35,7 @@ def gaussian_kernel(fwhm_arcsec:float,      # FWHM [arcsec]
                    )->np.ndarray:
     "Pixel-integrated circular Gaussian PSF kernel, odd-sized, centred, summing to 1."
     if not fwhm_arcsec > 0: raise ValueError(f'PSF FWHM must be > 0 arcsec, got {fwhm_arcsec}')
+    if oversample is not None and int(oversample) < 1: raise ValueError(f'oversample must be >= 1, got {oversample}')
     sigma = fwhm_arcsec / FWHM_PER_SIGMA / pixscale                       # [pixels]
     size = _odd_size(size, 2.0 * fwhm_arcsec / pixscale)
     if oversample is None:
@@ -66,6 +67,7 @@ def moffat_kernel(fwhm_arcsec:float,         # FWHM [arcsec]
     "Pixel-integrated circular Moffat PSF kernel truncated at `flux_frac` and renormalised to sum 1."
     if not fwhm_arcsec > 0: raise ValueError(f'PSF FWHM must be > 0 arcsec, got {fwhm_arcsec}')
     if not beta > 1: raise ValueError(f'Moffat beta must be > 1 (finite flux), got {beta}')
+    if int(oversample) < 1 or not 0 < flux_frac < 1: raise ValueError(f'need oversample >= 1 and 0 < flux_frac < 1, got {oversample}, {flux_frac}')
     alpha = moffat_alpha(fwhm_arcsec, beta) / pixscale
     r_cut = moffat_truncation_radius(fwhm_arcsec, beta, flux_frac) / pixscale
     size = _odd_size(size, r_cut)
