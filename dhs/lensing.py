@@ -45,13 +45,17 @@ def shear_from_polar(gamma:float, # shear strength [-]
 _Q_SERIES = 1e-4  # below this 1 - q the SIE uses its series in e^2 = 1 - q^2
 
 def _sie_unit(u, v, q:float):
-    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi."
+    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi (may overwrite u and v)."
     e2 = (1 - q)*(1 + q)
     if 1 - q < _Q_SERIES:
         u2, v2 = u*u, v*v
         return u*(1 - e2*u2/3 + e2*e2*u2*u2/5), v*(1 + e2*v2/3 + e2*e2*v2*v2/5)
-    e = np.sqrt(e2)
-    return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    e = math.sqrt(e2)
+    if np.ndim(u) == 0: return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    u *= e; v *= e
+    fx, fy = np.arctan(u, out=u), np.arctanh(v, out=v)
+    fx *= 1/e; fy *= 1/e
+    return fx, fy
 
 def sie_deflection(x, y,           # image-plane position [arcsec]
                    theta_e:float,  # Einstein radius, product-average [arcsec]
@@ -81,20 +85,35 @@ def deflection(x, y,      # image-plane position [arcsec]
     sx, sy = shear_deflection(x, y, lens.gamma1, lens.gamma2, lens.x0, lens.y0)
     return ax + sx, ay + sy
 
-def ray_shoot(x, y, lens:Lens):
-    "Source-plane position (beta_x, beta_y) [arcsec] of image-plane rays (fused, in place: the renderer's hot loop)."
-    c, s, q = math.cos(lens.phi), math.sin(lens.phi), lens.q
-    dx, dy = np.subtract(x, lens.x0, dtype=float), np.subtract(y, lens.y0, dtype=float)
-    xr, yr = c*dx, c*dy
-    xr += s*dy; yr -= s*dx
-    psi = np.sqrt((q*q)*(xr*xr) + yr*yr)
-    np.maximum(psi, 1e-300, out=psi)  # the centre: u = v = 0, zero deflection
-    xr /= psi; yr /= psi
-    fx, fy = _sie_unit(xr, yr, q)
-    b = lens.theta_e*math.sqrt(q)
-    bx = (1 - lens.gamma1)*dx; bx -= lens.gamma2*dy; bx -= (b*c)*fx; bx += (b*s)*fy; bx += lens.x0
-    by = (1 + lens.gamma1)*dy; by -= lens.gamma2*dx; by -= (b*s)*fx; by -= (b*c)*fy; by += lens.y0
+def _ray_core(dx, dy, c, s, q, e, b, g1, g2):
+    "Source position relative to the lens centre of rays at (dx, dy) from it; constants scalar or broadcastable, e > 0."
+    xr, yr, t = dx*c, dy*c, dy*s
+    xr += t; np.multiply(dx, s, out=t); yr -= t
+    psi = np.multiply(xr, xr); psi *= q*q; np.multiply(yr, yr, out=t); psi += t
+    np.sqrt(psi, out=psi); np.maximum(psi, np.finfo(psi.dtype).tiny, out=psi)  # the centre: no deflection
+    np.divide(e, psi, out=psi); xr *= psi; yr *= psi
+    np.arctan(xr, out=xr); np.arctanh(yr, out=yr)  # b/e (arctan, artanh) of e (x, y)/psi
+    f = b/e
+    bx = dx*(1 - g1); np.multiply(dy, g2, out=t); bx -= t
+    np.multiply(xr, f*c, out=t); bx -= t; np.multiply(yr, f*s, out=t); bx += t
+    by = dy*(1 + g1); np.multiply(dx, g2, out=t); by -= t
+    np.multiply(xr, f*s, out=t); by -= t; np.multiply(yr, f*c, out=t); by -= t
     return bx, by
+
+def ray_shoot(x, y, lens:Lens):
+    "Source-plane position (beta_x, beta_y) [arcsec] of rays (x, y); float32 in, float32 out (the renderer's hot loop)."
+    x, y = np.asarray(x), np.asarray(y)
+    dt = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
+    dx, dy = np.subtract(x, lens.x0, dtype=dt), np.subtract(y, lens.y0, dtype=dt)
+    c, s, q, g1, g2 = math.cos(lens.phi), math.sin(lens.phi), float(lens.q), float(lens.gamma1), float(lens.gamma2)
+    b = float(lens.theta_e)*math.sqrt(q)
+    if 1 - q >= _Q_SERIES:
+        bx, by = _ray_core(dx, dy, c, s, q, math.sqrt((1 - q)*(1 + q)), b, g1, g2)
+        return bx + lens.x0, by + lens.y0
+    xr, yr = c*dx + s*dy, c*dy - s*dx  # nearly round: the series of _sie_unit
+    psi = np.maximum(np.sqrt(q*q*xr*xr + yr*yr), np.finfo(dt).tiny)
+    fx, fy = _sie_unit(xr/psi, yr/psi, q)
+    return (lens.x0 + (1 - g1)*dx - g2*dy - b*(c*fx - s*fy), lens.y0 + (1 + g1)*dy - g2*dx - b*(s*fx + c*fy))
 
 # %% ../nbs/10_lensing.ipynb
 def hessian(x, y, lens:Lens):
@@ -189,8 +208,8 @@ def _image_condition(x_src, y_src, lens:Lens, t, ct=None, st=None):
     return wx*st - wy*ct, wx*ct + wy*st
 
 def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
-                    lens:Lens, n_angle:int=1024, zoom:int=128):
-    "Images of a point source: (x, y, signed magnification) arrays, ordered by angle."
+                    lens:Lens, n_angle:int=1024, zoom:int=128, mu:bool=True):
+    "Images of a point source: (x, y, signed magnification or None if not `mu`) arrays, ordered by angle."
     t, ct, st = _unit_circle(n_angle)
     g = _image_condition(x_src, y_src, lens, t, ct, st)[0]
     a = t[np.flatnonzero(np.sign(g[:-1]) != np.sign(g[1:]))]
@@ -204,7 +223,7 @@ def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
     m, r = tt[i, k] + f*h, r0 + f*(r1 - r0)
     keep = r > 1e-9*max(lens.theta_e, 1e-12)  # w . n < 0: the antipodal ray, not an image
     xi, yi = lens.x0 + r[keep]*np.cos(m[keep]), lens.y0 + r[keep]*np.sin(m[keep])
-    return xi, yi, magnification(xi, yi, lens)
+    return xi, yi, (magnification(xi, yi, lens) if mu else None)
 
 def image_multiplicity(x_src:float, y_src:float, lens:Lens)->int:
     "Number of images of a point source."
