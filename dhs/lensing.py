@@ -5,13 +5,16 @@
 # %% ../nbs/10_lensing.ipynb 1
 from __future__ import annotations
 from typing import NamedTuple
+from functools import lru_cache
+import math
 import numpy as np
 from skimage.measure import points_in_poly
 
 # %% auto 0
 __all__ = ['Lens', 'check_lens', 'shear_from_polar', 'sie_deflection', 'shear_deflection', 'deflection', 'ray_shoot', 'hessian',
-           'jacobian', 'det_jacobian', 'magnification', 'eigenvalues', 'stretch', 'critical_curve', 'caustics',
-           'image_positions', 'image_multiplicity', 'in_multiple_image_region', 'sample_source_position']
+           'jacobian', 'det_jacobian', 'magnification', 'ray_shoot_jacobian', 'eigenvalues', 'stretch',
+           'critical_curve', 'caustics', 'image_positions', 'image_multiplicity', 'in_multiple_image_region',
+           'sample_source_position']
 
 # %% ../nbs/10_lensing.ipynb
 class Lens(NamedTuple):
@@ -42,13 +45,17 @@ def shear_from_polar(gamma:float, # shear strength [-]
 _Q_SERIES = 1e-4  # below this 1 - q the SIE uses its series in e^2 = 1 - q^2
 
 def _sie_unit(u, v, q:float):
-    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi."
+    "SIE deflection / b in the major-axis frame from u = x/psi, v = y/psi (may overwrite u and v)."
     e2 = (1 - q)*(1 + q)
     if 1 - q < _Q_SERIES:
         u2, v2 = u*u, v*v
         return u*(1 - e2*u2/3 + e2*e2*u2*u2/5), v*(1 + e2*v2/3 + e2*e2*v2*v2/5)
-    e = np.sqrt(e2)
-    return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    e = math.sqrt(e2)
+    if np.ndim(u) == 0: return np.arctan(e*u)/e, np.arctanh(e*v)/e
+    u *= e; v *= e
+    fx, fy = np.arctan(u, out=u), np.arctanh(v, out=v)
+    fx *= 1/e; fy *= 1/e
+    return fx, fy
 
 def sie_deflection(x, y,           # image-plane position [arcsec]
                    theta_e:float,  # Einstein radius, product-average [arcsec]
@@ -78,10 +85,35 @@ def deflection(x, y,      # image-plane position [arcsec]
     sx, sy = shear_deflection(x, y, lens.gamma1, lens.gamma2, lens.x0, lens.y0)
     return ax + sx, ay + sy
 
+def _ray_core(dx, dy, c, s, q, e, b, g1, g2):
+    "Source position relative to the lens centre of rays at (dx, dy) from it; constants scalar or broadcastable, e > 0."
+    xr, yr, t = dx*c, dy*c, dy*s
+    xr += t; np.multiply(dx, s, out=t); yr -= t
+    psi = np.multiply(xr, xr); psi *= q*q; np.multiply(yr, yr, out=t); psi += t
+    np.sqrt(psi, out=psi); np.maximum(psi, np.finfo(psi.dtype).tiny, out=psi)  # the centre: no deflection
+    np.divide(e, psi, out=psi); xr *= psi; yr *= psi
+    np.arctan(xr, out=xr); np.arctanh(yr, out=yr)  # b/e (arctan, artanh) of e (x, y)/psi
+    f = b/e
+    bx = dx*(1 - g1); np.multiply(dy, g2, out=t); bx -= t
+    np.multiply(xr, f*c, out=t); bx -= t; np.multiply(yr, f*s, out=t); bx += t
+    by = dy*(1 + g1); np.multiply(dx, g2, out=t); by -= t
+    np.multiply(xr, f*s, out=t); by -= t; np.multiply(yr, f*c, out=t); by -= t
+    return bx, by
+
 def ray_shoot(x, y, lens:Lens):
-    "Source-plane position (beta_x, beta_y) [arcsec] of image-plane rays."
-    ax, ay = deflection(x, y, lens)
-    return np.asarray(x) - ax, np.asarray(y) - ay
+    "Source-plane position (beta_x, beta_y) [arcsec] of rays (x, y); float32 in, float32 out (the renderer's hot loop)."
+    x, y = np.asarray(x), np.asarray(y)
+    dt = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
+    dx, dy = np.subtract(x, lens.x0, dtype=dt), np.subtract(y, lens.y0, dtype=dt)
+    c, s, q, g1, g2 = math.cos(lens.phi), math.sin(lens.phi), float(lens.q), float(lens.gamma1), float(lens.gamma2)
+    b = float(lens.theta_e)*math.sqrt(q)
+    if 1 - q >= _Q_SERIES:
+        bx, by = _ray_core(dx, dy, c, s, q, math.sqrt((1 - q)*(1 + q)), b, g1, g2)
+        return bx + lens.x0, by + lens.y0
+    xr, yr = c*dx + s*dy, c*dy - s*dx  # nearly round: the series of _sie_unit
+    psi = np.maximum(np.sqrt(q*q*xr*xr + yr*yr), np.finfo(dt).tiny)
+    fx, fy = _sie_unit(xr/psi, yr/psi, q)
+    return (lens.x0 + (1 - g1)*dx - g2*dy - b*(c*fx - s*fy), lens.y0 + (1 + g1)*dy - g2*dx - b*(s*fx + c*fy))
 
 # %% ../nbs/10_lensing.ipynb
 def hessian(x, y, lens:Lens):
@@ -106,6 +138,24 @@ def det_jacobian(x, y, lens:Lens):
 def magnification(x, y, lens:Lens):
     "Signed magnification 1 / det A at image-plane positions (inf on critical curves)."
     with np.errstate(divide='ignore'): return 1/det_jacobian(x, y, lens)
+
+# %% ../nbs/10_lensing.ipynb
+def ray_shoot_jacobian(x, y, lens:Lens):
+    "Source positions and symmetric Jacobian in one pass: (beta_x, beta_y, A_xx, A_xy, A_yy)."
+    c, s = np.cos(lens.phi), np.sin(lens.phi)
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    dx, dy = x - lens.x0, y - lens.y0
+    xr, yr = c*dx + s*dy, c*dy - s*dx
+    psi = np.sqrt(lens.q**2*xr*xr + yr*yr)
+    inv = np.divide(1., psi, out=np.zeros_like(psi), where=psi > 0)
+    fx, fy = _sie_unit(xr*inv, yr*inv, lens.q)
+    b = lens.theta_e*np.sqrt(lens.q)
+    g1, g2 = lens.gamma1, lens.gamma2
+    bx = x - b*(c*fx - s*fy) - g1*dx - g2*dy
+    by = y - b*(s*fx + c*fy) - g2*dx + g1*dy
+    r2 = dx*dx + dy*dy
+    f = b*np.divide(inv, r2, out=np.full_like(r2, 1e30), where=r2 > 0)  # centre: huge, finite
+    return bx, by, 1 - g1 - f*dy*dy, f*dx*dy - g2, 1 + g1 - f*dx*dx
 
 # %% ../nbs/10_lensing.ipynb
 def eigenvalues(x, y, lens:Lens):
@@ -141,32 +191,39 @@ def _polygon_area(x, y)->float:
     return 0.5*abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 # %% ../nbs/10_lensing.ipynb
-def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
-                    lens:Lens, n_angle:int=4096):
-    "Images of a point source: (x, y, signed magnification) arrays, ordered by angle."
-    t = np.linspace(0, 2*np.pi, n_angle + 1)
-    g = _image_condition(t, x_src, y_src, lens)[0]
-    lo = np.flatnonzero(np.sign(g[:-1]) != np.sign(g[1:]))
-    a, b, ga = t[lo], t[lo + 1], g[lo]
-    for _ in range(60):  # bisection: the bracket shrinks to ~1e-21 rad
-        m = 0.5*(a + b); gm = _image_condition(m, x_src, y_src, lens)[0]
-        left = np.sign(gm) == np.sign(ga)
-        a, ga, b = np.where(left, m, a), np.where(left, gm, ga), np.where(left, b, m)
-    m = 0.5*(a + b)
-    _, r = _image_condition(m, x_src, y_src, lens)
-    keep = r > 1e-9*max(lens.theta_e, 1e-12)
-    xi, yi = lens.x0 + r[keep]*np.cos(m[keep]), lens.y0 + r[keep]*np.sin(m[keep])
-    return xi, yi, magnification(xi, yi, lens)
+@lru_cache(maxsize=8)
+def _unit_circle(n:int):
+    "Angles, cosines and sines of n + 1 points around the circle (cached: the solver's fixed grid)."
+    t = np.linspace(0, 2*np.pi, n + 1)
+    return t, np.cos(t), np.sin(t)
 
-def _image_condition(t, x_src, y_src, lens:Lens):
+def _image_condition(x_src, y_src, lens:Lens, t, ct=None, st=None):
     "(w x n, w . n) at angles t: images sit where the first is 0 and the second (= r) > 0."
-    ct, st = np.cos(t), np.sin(t)
-    ax, ay = sie_deflection(ct, st, lens.theta_e, lens.q, lens.phi)
-    bx, by = x_src - lens.x0 + ax, y_src - lens.y0 + ay
+    if ct is None: ct, st = np.cos(t), np.sin(t)
+    bx, by = ray_shoot(ct + lens.x0, st + lens.y0, lens._replace(gamma1=0., gamma2=0.))  # n - alpha(n)
+    bx, by = x_src - bx + ct, y_src - by + st  # beta + alpha(n), relative to the lens centre
     g1, g2 = lens.gamma1, lens.gamma2
     d = 1 - g1*g1 - g2*g2
     wx, wy = ((1 + g1)*bx + g2*by)/d, (g2*bx + (1 - g1)*by)/d
     return wx*st - wy*ct, wx*ct + wy*st
+
+def image_positions(x_src:float, y_src:float, # point-source position [arcsec]
+                    lens:Lens, n_angle:int=1024, zoom:int=128, mu:bool=True):
+    "Images of a point source: (x, y, signed magnification or None if not `mu`) arrays, ordered by angle."
+    t, ct, st = _unit_circle(n_angle)
+    g = _image_condition(x_src, y_src, lens, t, ct, st)[0]
+    a = t[np.flatnonzero(np.sign(g[:-1]) != np.sign(g[1:]))]
+    h = t[1]/zoom  # zoom into every bracket at once, then interpolate linearly in the last one
+    tt = a[:, None] + h*np.arange(zoom + 1)
+    gg, rr = _image_condition(x_src, y_src, lens, tt)
+    k = np.argmax(np.sign(gg[:, :-1]) != np.sign(gg[:, 1:]), axis=1)
+    i = np.arange(len(a))
+    g0, g1, r0, r1 = gg[i, k], gg[i, k + 1], rr[i, k], rr[i, k + 1]
+    f = g0/np.where(g1 != g0, g0 - g1, 1.)
+    m, r = tt[i, k] + f*h, r0 + f*(r1 - r0)
+    keep = r > 1e-9*max(lens.theta_e, 1e-12)  # w . n < 0: the antipodal ray, not an image
+    xi, yi = lens.x0 + r[keep]*np.cos(m[keep]), lens.y0 + r[keep]*np.sin(m[keep])
+    return xi, yi, (magnification(xi, yi, lens) if mu else None)
 
 def image_multiplicity(x_src:float, y_src:float, lens:Lens)->int:
     "Number of images of a point source."
