@@ -104,12 +104,15 @@ def rate_by(df:pd.DataFrame, threshold:float, axis:str, quantity:str='completene
 def stratified_tables(df:pd.DataFrame, threshold:float, target_fpr:float=np.nan, population:str='',
                       completeness_axes=COMPLETENESS_AXES, fpr_axes=FPR_AXES, cl:float=DEFAULT_CL, score_col:str='score')->pd.DataFrame:
     "Long table of completeness and FPR by every axis whose columns the table has (missing ones are skipped)."
-    parts = []
+    parts, skipped = [], []
     for q, axes in (('completeness', completeness_axes), ('fpr', fpr_axes)):
         for ax in axes:
             try: parts.append(rate_by(df, threshold, ax, q, None, cl, score_col, target_fpr, population))
-            except KeyError: continue
-    return pd.concat(parts, ignore_index=True)
+            except KeyError as e: skipped.append(f'{q} by {ax}: {e.args[0]}')
+    if not parts: raise ValueError(f'no axis could be measured: {skipped}')
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs['skipped'] = skipped
+    return out
 
 # %% ../nbs/41_selection.ipynb
 SURFACES = {'theta_e-psf': ('theta_e', 'psf_fwhm_r'), 'theta_e-depth': ('theta_e', 'depth5_r')}
