@@ -285,9 +285,10 @@ def _score(score_fn, images, batch_size:int)->np.ndarray:
 def score_gates(score_fn, images, labels, theta_e, psf_fwhm, sigma, radii, controls=None, cfg:GateConfig|None=None)->list[GateResult]:
     "Arc-suppressed mean score, ring counterfactual and core-masked AUROC drop of a scorer."
     cfg, y = cfg or GateConfig(), np.asarray(labels, int)
-    pos, neg = y == 1, y == 0
+    geo = np.isfinite(theta_e) & np.isfinite(psf_fwhm)          # rows without (shadow) geometry sit out the counterfactuals
+    pos, neg = (y == 1) & geo, (y == 0) & geo
     s0 = _score(score_fn, images, cfg.batch_size)
-    base = dict(auroc=auroc(s0, y), mean_score_pos=float(s0[pos].mean()), mean_score_neg=float(s0[neg].mean()))
+    base = dict(auroc=auroc(s0, y), mean_score_pos=float(s0[pos].mean()), mean_score_neg=float(s0[neg].mean()), n_without_geometry=int((~geo).sum()))
     sup = _score(score_fn, suppress_annulus(images[pos], theta_e[pos], psf_fwhm[pos], sigma[pos],
                                             None if controls is None else controls[pos], cfg), cfg.batch_size)
     n_ctl = 0 if controls is None else int(np.isfinite(controls[pos]).reshape(pos.sum(), -1).all(axis=1).sum())
