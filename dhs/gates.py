@@ -4,8 +4,8 @@
 
 # %% ../nbs/42_gates.ipynb 1
 from __future__ import annotations
-import argparse, importlib, json, sys
-from dataclasses import dataclass, field, asdict
+import argparse, importlib, json
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd

@@ -4,7 +4,6 @@
 
 # %% ../nbs/40_metrics.ipynb 1
 from __future__ import annotations
-import math
 from dataclasses import dataclass, asdict
 import numpy as np
 import pandas as pd

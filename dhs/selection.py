@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_selection.ipynb 1
 from __future__ import annotations
-import json, math
+import json
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
