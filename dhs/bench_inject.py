@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_bench_inject.ipynb 1
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, os, sys, time, warnings
 import numpy as np
 from .lensing import Lens, sample_source_position
 from .sources import SersicSource, sersic_bn, sersic_total_flux
@@ -131,6 +131,8 @@ def main(argv=None):
     ap.add_argument('--json', action='store_true', help='print the result as JSON')
     args = ap.parse_args(argv)
     if args.n < 1 or args.repeats < 1: ap.error(f'--n and --repeats must be >= 1, got {args.n} and {args.repeats}')
-    res = run_bench(args.n, args.seed, args.repeats)
+    with warnings.catch_warnings():  # lenstronomy's numpy-2 FFT calls warn on every stamp
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module='lenstronomy')
+        res = run_bench(args.n, args.seed, args.repeats)
     print(json.dumps(res, indent=2) if args.json else format_bench(res))
     return res
