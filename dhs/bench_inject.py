@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_bench_inject.ipynb 1
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, os, sys, time, warnings
 import numpy as np
 from .lensing import Lens, sample_source_position
 from .sources import SersicSource, sersic_bn, sersic_total_flux
@@ -76,7 +76,7 @@ def _error(stamp, ref)->float:
     return float(np.abs(stamp - ref).max()/ref.max())
 
 # %% ../nbs/15_bench_inject.ipynb
-def run_bench(n:int=100, seed:int=0, repeats:int=3, lt_supersampling:int=4, ref_supersampling:int=16)->dict:
+def run_bench(n:int=100, seed:int=0, repeats:int=5, lt_supersampling:int=4, ref_supersampling:int=16)->dict:
     "Render n configurations with dhs and lenstronomy; rates [configs/s] and accuracy against the reference."
     limits = _limit_threads()
     cfgs = bench_configs(n, seed)
@@ -127,10 +127,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog='dhs bench inject', description='dhs renderer vs lenstronomy: speed and accuracy on random lenses')
     ap.add_argument('--n', type=int, default=100, help='number of random configurations')
     ap.add_argument('--seed', type=int, default=0, help='seed of the configurations')
-    ap.add_argument('--repeats', type=int, default=3, help='timed passes per renderer (the best is kept)')
+    ap.add_argument('--repeats', type=int, default=5, help='timed passes per renderer (the best is kept)')
     ap.add_argument('--json', action='store_true', help='print the result as JSON')
     args = ap.parse_args(argv)
     if args.n < 1 or args.repeats < 1: ap.error(f'--n and --repeats must be >= 1, got {args.n} and {args.repeats}')
-    res = run_bench(args.n, args.seed, args.repeats)
+    with warnings.catch_warnings():  # lenstronomy's numpy-2 FFT calls warn on every stamp
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module='lenstronomy')
+        res = run_bench(args.n, args.seed, args.repeats)
     print(json.dumps(res, indent=2) if args.json else format_bench(res))
     return res
