@@ -67,10 +67,17 @@ def parse_sets(items:list[str])->list[tuple]:
 
 # %% ../nbs/03_runner.ipynb
 def notebook_parameters(path:str|Path)->dict:
-    "Names and default (as source text) of the `parameters` cell of a notebook."
-    import papermill as pm
+    "Names and defaults (as source text) of the `parameters` cell of a notebook; every assignment must parse."
+    import papermill as pm, nbformat
     params = pm.inspect_notebook(str(path))
     if not params: raise ValueError(f'{path}: no cell tagged `parameters`; add one (see nbs/runs/README.md)')
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next(c for c in nb.cells if 'parameters' in c.metadata.get('tags', []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)]
+    lost = [n for n in assigned if n not in params]
+    if lost: raise ValueError(f'{path}: papermill cannot read parameter(s) {lost} of the parameters cell; '
+                              'keep their comments free of "=" and of quotes')
     return {k: v['default'] for k, v in params.items()}
 
 def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|None=None)->list[dict]:
