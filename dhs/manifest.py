@@ -16,7 +16,7 @@ from .sources import tractor_shape_to_q_phi, ellipticity_to_q, draw_source_colou
 # %% auto 0
 __all__ = ['GRIDS', 'REALISTIC', 'SPLITS', 'BIN_COLUMNS', 'PARAM_SCHEMA', 'grid_configs', 'DrawConfig', 'draw_task',
            'healpix_region', 'assign_splits', 'depth5_mag', 'assign_bins', 'control_plan', 'ManifestConfig',
-           'run_manifest', 'main']
+           'run_manifest', 'parse_source_kinds', 'main']
 
 # %% ../nbs/21_manifest.ipynb
 GRIDS = {
@@ -325,6 +325,16 @@ def _write_parquet_local_or_remote(df:pd.DataFrame, uri:str, cfg):
     else: pq.write_table(t, uri)
 
 # %% ../nbs/21_manifest.ipynb
+def parse_source_kinds(text:str)->dict:
+    "'sersic:0.5,clumpy:0.25,template:0.25' (or with '=') -> {kind: fraction}."
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(','))):
+        kind, _, frac = item.replace('=', ':').partition(':')
+        if kind not in ('sersic', 'clumpy', 'template'): raise ValueError(f'source kind {kind!r}: expected sersic, clumpy or template')
+        out[kind] = float(frac or 1)
+    return out
+
+# %% ../nbs/21_manifest.ipynb
 def main(argv:list|None=None)->int:
     "`dhs manifest`: phase 4a, injection tasks with controls and region-disjoint splits (Spark)."
     ap = argparse.ArgumentParser(prog='dhs manifest', description=main.__doc__)
@@ -339,16 +349,22 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--split-fractions', type=float, nargs=3, default=(0.7, 0.15, 0.15))
     ap.add_argument('--min-theta-over-psf', type=float, default=0.0)
     ap.add_argument('--lens-shape', default='host', choices=['host', 'uniform'])
-    ap.add_argument('--source-kinds', default='sersic=1', help='kind=fraction,... of sersic, clumpy, template')
+    ap.add_argument('--source-kinds', default='sersic:1', help='kind:fraction,... of sersic, clumpy, template')
     ap.add_argument('--extra-negatives', default='', help='hard-negative table (host_id, region_split) to add as controls')
     ap.add_argument('--master', default=None, help='Spark master (default: local[*], or the session of spark-submit)')
     a = ap.parse_args(argv)
-    kinds = {k: float(v) for k, v in (kv.split('=') for kv in a.source_kinds.split(','))}
+    kinds = parse_source_kinds(a.source_kinds)
+    n_train = n_test = 0
+    if 'template' in kinds:
+        from dhs.templates import hdf_template_bank
+        bank = hdf_template_bank()
+        n_train, n_test = len(bank.split_ids('train')), len(bank.split_ids('test'))
     cfg = ManifestConfig(parent_uri=a.parent, out_uri=a.out, experiment_id=a.experiment, tasks_per_host=a.tasks_per_host,
                          control_frac=a.control_frac, unpaired_frac=a.unpaired_frac, nside=a.nside,
                          split_fractions=tuple(a.split_fractions), min_theta_over_psf=a.min_theta_over_psf,
                          extra_negatives_uri=a.extra_negatives,
-                         draw=DrawConfig(grid=a.grid, lens_shape=a.lens_shape, source_kinds=kinds))
+                         draw=DrawConfig(grid=a.grid, lens_shape=a.lens_shape, source_kinds=kinds,
+                                         n_templates_train=n_train, n_templates_test=n_test))
     from dhs.spark import get_spark, SparkConfig
     s = run_manifest(cfg, get_spark(SparkConfig(master=a.master) if a.master else None))
     print(json.dumps({k: s[k] for k in ('n_parent', 'n_hosts', 'n_tasks', 'by_split', 'seconds')}, indent=1))

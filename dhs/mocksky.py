@@ -861,6 +861,9 @@ def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, map
     for w in ('W1', 'W2'):
         s.update({f'FLUX_{w}': c[f'flux_{w.lower()}'] * s[f'MW_TRANSMISSION_{w}'] + rng.normal(0, W_SIGMA_NMGY[w], len(c)),
                   f'FLUX_IVAR_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2), f'PSFDEPTH_{w}': np.full(len(c), W_SIGMA_NMGY[w] ** -2)})
+    snr, typ = np.maximum(flux[:, 1] * np.sqrt(ivar[:, 1]), 0.0), c.sweep_type.to_numpy()
+    s['SHAPE_R_IVAR'] = np.where(typ != 'PSF', (snr / (2 * np.maximum(s['SHAPE_R'], 0.05))) ** 2, 0.0)  # rough: sigma_r / r ~ 2 / SNR
+    s['SHAPE_E1_IVAR'] = s['SHAPE_E2_IVAR'] = np.where(np.isin(typ, ['EXP', 'DEV', 'SER']), (snr / 2) ** 2, 0.0)
     return _with_position_noise(pd.DataFrame(s, index=c.index), c, rng)
 
 # %% ../nbs/05_mocksky.ipynb

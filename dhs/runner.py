@@ -10,13 +10,18 @@ from pathlib import Path
 from .core import provenance, write_json, runs_dir
 
 # %% auto 0
-__all__ = ['PHASES', 'DR10_BASE_URI', 'PRESETS', 'Preset', 'parse_value', 'parse_sets', 'notebook_parameters', 'resolve',
-           'ensure_kernel', 'run_preset', 'main']
+__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'Preset', 'parse_value', 'parse_sets', 'notebook_parameters',
+           'resolve', 'ensure_kernel', 'run_preset', 'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
-    'environment': '00_environment.ipynb',
+    'environment': '00_environment.ipynb',  # versions, git commit, Java/Spark check
+    'mocksky': '01_mocksky.ipynb',          # the built-in mock DR10 sky (skipped for DR10 presets)
+    'parent': '02_parent.ipynb',            # phase 3: LRG parent sample (Spark)
+    'manifest': '03_manifest.ipynb',        # phase 4a: injection tasks, controls, splits (Spark)
+    'cache': '04_cache.ipynb',              # phase 4b: coadd cache over HTTP/S3
 }
+PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache']
 
 @dataclass
 class Preset:
@@ -30,16 +35,16 @@ class Preset:
 DR10_BASE_URI = 'https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10'
 
 PRESETS = {
-    'tiny': Preset('seconds: every phase on the smallest inputs (used by the tests)', ['environment'],
-                   {'size': 'tiny', 'sky': 'mock'}),
-    'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', ['environment'],
+    'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
+                   {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}),
+    'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
                    {'size': 'mock', 'sky': 'mock', 'check_spark': True}),
-    'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', ['environment'],
+    'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
                        {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda'}, needs_gpu=True),
-    'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', ['environment'],
+    'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', PIPELINE,
                           {'size': 'region', 'sky': 'dr10', 'base_uri': DR10_BASE_URI, 'check_spark': True,
                            'device': 'cuda'}, needs_gpu=True),
-    'dr10-full': Preset('the full DR10 south footprint on a cluster (spark-submit / EMR) and a GPU', ['environment'],
+    'dr10-full': Preset('the full DR10 south footprint on a cluster (spark-submit / EMR) and a GPU', PIPELINE,
                         {'size': 'full', 'sky': 'dr10', 'base_uri': DR10_BASE_URI, 'check_spark': True,
                          'device': 'cuda'}, needs_gpu=True),
 }
@@ -62,10 +67,17 @@ def parse_sets(items:list[str])->list[tuple]:
 
 # %% ../nbs/03_runner.ipynb
 def notebook_parameters(path:str|Path)->dict:
-    "Names and default (as source text) of the `parameters` cell of a notebook."
-    import papermill as pm
+    "Names and defaults (as source text) of the `parameters` cell of a notebook; every assignment must parse."
+    import papermill as pm, nbformat
     params = pm.inspect_notebook(str(path))
     if not params: raise ValueError(f'{path}: no cell tagged `parameters`; add one (see nbs/runs/README.md)')
+    nb = nbformat.read(str(path), as_version=4)
+    cell = next(c for c in nb.cells if 'parameters' in c.metadata.get('tags', []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)]
+    lost = [n for n in assigned if n not in params]
+    if lost: raise ValueError(f'{path}: papermill cannot read parameter(s) {lost} of the parameters cell; '
+                              'keep their comments free of "=" and of quotes')
     return {k: v['default'] for k, v in params.items()}
 
 def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|None=None)->list[dict]:

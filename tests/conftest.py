@@ -12,3 +12,12 @@ def spark():
     s = get_spark(SparkConfig(master='local[2]', app_name='dhs-tests', driver_memory='2g', shuffle_partitions=4))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope='session')
+def tiny_sky(tmp_path_factory):
+    "The `tiny` mock sky, generated once per test session: (root folder, mock_sky.json record)."
+    from dhs.mocksky import generate_mock_sky, mock_sky_config
+    out = tmp_path_factory.mktemp('tiny-sky')/'sky'
+    rec = generate_mock_sky(mock_sky_config('tiny', out=str(out)), log=lambda *a: None)
+    return out, rec

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dhs import parent, manifest
-from dhs.survey import write_sweep, sweep_relpath, sweep_bounds_for
+from dhs.survey import write_sweep, read_sweep, sweep_relpath, sweep_bounds_for
 
 
 def _synthetic_sweep_rows(n_lrg, n_star, rng, ra0, dec0):
@@ -159,3 +159,29 @@ def test_splits_are_reused_and_extra_negatives_keep_split(spark, manifest_out, t
     cfg3 = manifest.ManifestConfig(**{**cfg2.__dict__, 'out_uri': str(tmp_path/'m4'), 'extra_negatives_uri': str(tmp_path/'bad.parquet')})
     with pytest.raises(ValueError, match='splits never change'):
         manifest.run_manifest(cfg3, spark)
+
+
+def test_parent_on_the_mock_sky_keeps_lrgs_and_flags_lenscat_hosts(spark, tiny_sky, tmp_path):
+    "Checked against the mock's truth table: our DESI cuts (dhs.parent) and the mock's design of its LRGs agree."
+    sky, rec = tiny_sky
+    s = parent.run_parent(parent.ParentConfig(sky_uri=str(sky), out_uri=str(tmp_path/'p')), spark)
+    hosts = pd.read_parquet(tmp_path/'p'/'hosts')
+    truth = pd.read_parquet(sky/'mock_truth.parquet')
+    sweeps = pd.concat([read_sweep(f, columns=['BRICKNAME', 'OBJID', 'MASKBITS']) for f in sorted(sky.glob('south/sweep/10.1/*.fits'))])
+    sweeps.columns = ['brickname', 'objid', 'maskbits']
+    cat = truth[truth['catalogued'] & truth['primary']].merge(sweeps, on=['brickname', 'objid'])
+    cat = cat.merge(hosts[['brickname', 'objid']].assign(selected=1), on=['brickname', 'objid'], how='left')
+    cat['selected'] = cat['selected'].fillna(0).astype(bool)
+    masked = (cat['maskbits'].astype(int) & (1 << 1 | 1 << 12 | 1 << 13)) != 0   # BRIGHT, GALAXY, CLUSTER
+    lrg = cat[cat['cls'] == 'lrg']
+    assert lrg.loc[~masked, 'selected'].mean() > 0.95           # the mock's LRG hosts are kept...
+    assert not cat.loc[masked, 'selected'].any()                 # ...except those inside bright-star masks
+    for cls in ('star', 'bright_star', 'companion', 'disk', 'edgeon', 'spiral'):
+        assert not cat.loc[cat['cls'] == cls, 'selected'].any(), cls   # stars and blue galaxies are rejected
+    # object by object, our cuts agree with the mock's own evaluation of the colour cuts on sweep fluxes
+    assert (cat.loc[~masked, 'selected'] == cat.loc[~masked, 'lrg_cut_pass_sweep']).mean() > 0.99
+    lens_hosts = truth[truth['is_lens'] & truth['catalogued']][['brickname', 'objid', 'lenscat_name']]
+    flagged = hosts.merge(lens_hosts, on=['brickname', 'objid'])
+    assert len(flagged) > 0 and flagged['near_known_lens'].all()
+    assert (flagged['known_lens_name'] == flagged['lenscat_name']).all()
+    assert s['n_near_known_lens'] >= len(flagged)

@@ -13,7 +13,9 @@ def _injected_source(nb_path):
     return cells[0].source
 
 
+@pytest.mark.slow
 def test_tiny_preset_cli_records_run(tmp_path):
+    "The README's main command, at its smallest: every phase of the pipeline on the tiny mock sky."
     out = subprocess.run([str(Path(sys.executable).parent/'dhs'), 'run', '--preset', 'tiny', '--outputs', str(tmp_path),
                           '--run-id', 'r1'], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -26,33 +28,35 @@ def test_tiny_preset_cli_records_run(tmp_path):
 
 
 def test_parameter_overrides_default(tmp_path):
-    run_dir = runner.run_preset('tiny', tmp_path, 'r2', sets=['environment.note=from-the-command-line'], log=lambda *a: None)
+    run_dir = runner.run_preset('tiny', tmp_path, 'r2', only=['environment'], sets=['environment.note=from-the-command-line'],
+                               log=lambda *a: None)
     src = _injected_source(run_dir/'00_environment.ipynb')
     assert "note = 'from-the-command-line'" in src or 'note = "from-the-command-line"' in src
     env = json.loads((run_dir/'environment.json').read_text())
     assert env['note'] == 'from-the-command-line'     # the notebook used the value, not its default 'default'
-    run_dir = runner.run_preset('tiny', tmp_path, 'r3', log=lambda *a: None)
+    run_dir = runner.run_preset('tiny', tmp_path, 'r3', only=['environment'], log=lambda *a: None)
     assert json.loads((run_dir/'environment.json').read_text())['note'] == 'default'
 
 
 def test_resume_skips_finished_phases(tmp_path):
-    runner.run_preset('tiny', tmp_path, 'r4', log=lambda *a: None)
+    runner.run_preset('tiny', tmp_path, 'r4', only=['environment'], log=lambda *a: None)
     first = json.loads((tmp_path/'r4'/'run.json').read_text())['phases'][0]
     said = []
-    runner.run_preset('tiny', tmp_path, 'r4', resume=True, log=said.append)
+    runner.run_preset('tiny', tmp_path, 'r4', only=['environment'], resume=True, log=said.append)
     again = json.loads((tmp_path/'r4'/'run.json').read_text())['phases'][0]
     assert any('skipped' in s for s in said)
     assert again['started_utc'] == first['started_utc']
 
 
 def test_failed_phase_is_recorded(tmp_path):
+    import shutil
     nb_dir = tmp_path/'nbs'
-    nb_dir.mkdir()
+    shutil.copytree(runner.runs_dir(), nb_dir)
     nb = nbformat.read(str(runner.runs_dir()/'00_environment.ipynb'), as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('brick 0001p000 is broken')"))
     nbformat.write(nb, str(nb_dir/'00_environment.ipynb'))
     with pytest.raises(RuntimeError, match="phase 'environment' failed"):
-        runner.run_preset('tiny', tmp_path/'out', 'r5', nb_dir=nb_dir, log=lambda *a: None)
+        runner.run_preset('tiny', tmp_path/'out', 'r5', only=['environment'], nb_dir=nb_dir, log=lambda *a: None)
     record = json.loads((tmp_path/'out'/'r5'/'run.json').read_text())
     assert record['phases'][0]['status'] == 'failed'
     assert 'brick 0001p000 is broken' in record['phases'][0]['error']
