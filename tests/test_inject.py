@@ -7,7 +7,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dhs import inject, manifest, parent, stamps
-from dhs.mocksky import generate_mock_sky, mock_sky_config
 from dhs.render import render_lensed
 from dhs.sources import band_fluxes_from_mag
 from dhs.survey import BrickImages, coadd_relpath, read_coadd, stamp_slice, write_coadd
@@ -18,18 +17,19 @@ BANDS = ('g', 'r', 'z')
 
 
 @pytest.fixture(scope='session')
-def sky(tmp_path_factory):
-    "A tiny mock DR10 sky (6 bricks of 192 px, boosted LRG density)."
-    root = tmp_path_factory.mktemp('inject')/'sky'
-    generate_mock_sky(mock_sky_config('tiny', out=str(root), n_bricks=6, brick_pixels=192, n_lenses=1, seed=3,
-                                      n_workers=1, lrg_per_arcmin2=25.0), log=lambda *a: None)
-    return root
+def sky(tiny_sky):
+    "The session's tiny mock DR10 sky (conftest), whose root is laid out like the coadd cache."
+    return tiny_sky[0]
 
 
 @pytest.fixture(scope='session')
-def tasks_uri(spark, sky):
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp('inject')
+
+
+@pytest.fixture(scope='session')
+def tasks_uri(spark, sky, work):
     "Phase 3 and 4a on the mock sky: the manifest's tasks (Sérsic, clumpy and template sources)."
-    work = sky.parent
     parent.run_parent(parent.ParentConfig(sky_uri=str(sky), out_uri=str(work/'parent')), spark)
     bank = hdf_template_bank()
     draw = manifest.DrawConfig(source_kinds={'sersic': 0.4, 'clumpy': 0.3, 'template': 0.3},
@@ -40,12 +40,12 @@ def tasks_uri(spark, sky):
 
 
 @pytest.fixture(scope='session')
-def job(spark, sky, tasks_uri):
+def job(spark, sky, work, tasks_uri):
     "The injection job on the mock sky (the sky root is laid out like the coadd cache)."
-    cfg = inject.InjectConfig(manifest_uri=str(tasks_uri), cache_uri=str(sky), out_uri=str(sky.parent/'stamps'),
+    cfg = inject.InjectConfig(manifest_uri=str(tasks_uri), cache_uri=str(sky), out_uri=str(work/'stamps'),
                               tasks_per_file=30, encoding='npz', write_masks=True)
     summary = inject.run_inject(cfg, spark)
-    images, meta = stamps.read_stamps(str(sky.parent/'stamps'/'stamps'))
+    images, meta = stamps.read_stamps(str(work/'stamps'/'stamps'))
     tasks = pd.read_parquet(tasks_uri).set_index('task_id')
     return cfg, summary, images, meta, tasks
 
@@ -90,10 +90,11 @@ def test_injected_flux_is_renderer_flux_times_mw_transmission(job):
                           band_fluxes_from_mag(task['src_mag_r'], task['src_gr'], task['src_rz']), fwhm,
                           64, 0.262, raw.dx, raw.dy, psf='gaussian')
         mw = np.array([task[f'mw_transmission_{b}'] for b in BANDS])
-        f4 = 2.0**-23 * np.abs(images[i].astype(float))   # float32 rounding of image + injection
-        assert (np.abs(inj - r.stamp * mw[:, None, None]) <= f4 + 1e-12).all()
-        np.testing.assert_allclose(inj.sum((1, 2)), r.stamp.sum((1, 2)) * mw, rtol=0, atol=f4.sum() + 1e-12)
-        assert r.stamp.sum() > 100 * f4.sum() / 3
+        # float32 rounding: of image + injection in the stamp, and of the renderer's float32 arithmetic (~1e-7)
+        tol = 2.0**-23 * np.abs(images[i].astype(float)) + 1e-6 * np.abs(r.stamp).max()
+        assert (np.abs(inj - r.stamp * mw[:, None, None]) <= tol).all()
+        np.testing.assert_allclose(inj.sum((1, 2)), r.stamp.sum((1, 2)) * mw, rtol=0, atol=tol.sum())
+        assert tol.sum() < 1e-3 * r.stamp.sum()   # far below the 2-12% the MW transmission makes
         assert mw.min() < 1   # the mock's hosts have extinction: the test would see a missing factor
 
 
