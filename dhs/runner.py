@@ -20,8 +20,9 @@ PHASES = {  # phase name -> run notebook in nbs/runs/
     'parent': '02_parent.ipynb',            # phase 3: LRG parent sample (Spark)
     'manifest': '03_manifest.ipynb',        # phase 4a: injection tasks, controls, splits (Spark)
     'cache': '04_cache.ipynb',              # phase 4b: coadd cache over HTTP/S3
+    'inject': '05_inject.ipynb',            # phase 4c: stamps with injected lenses (Spark)
 }
-PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache']
+PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject']
 
 @dataclass
 class Preset:
