@@ -12,7 +12,8 @@ from numba import njit
 from scipy.special import gammaincinv, gamma as gamma_fn
 from .lensing import Lens, check_lens, _ray_core, _lens_table, _sie_shear_ray, _exp, _log, _jit, _inline
 from .sources import Source, SersicSource
-from .psf import gaussian_kernel, moffat_kernel, convolve
+from scipy.special import erf
+from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA
 
 # %% auto 0
 __all__ = ['pixel_centres', 'band_kernels', 'RenderResult', 'render_lensed_batch', 'render_lensed', 'render_lensed_sersic',
@@ -232,13 +233,21 @@ def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_
             n_rays[b] += fill
 
 # %% ../nbs/14_render.ipynb
+@njit(**_jit)
+def _sub_grid_sizes(err, tol_pix, max_supersample:int):
+    "Sub-grid size s = ceil(sqrt(err / tol)) per pixel, capped at max_supersample: (B, n*n) from errors (B, n*n), tolerances (B,)."
+    level = np.empty(err.shape, np.int64)
+    for b in range(err.shape[0]):
+        for i in range(err.shape[1]): level[b, i] = min(math.ceil(math.sqrt(err[b, i]/tol_pix[b])), max_supersample)
+    return level
+
 def _levels(err, v, cut, images, L, n:int, p:float, dx, dy, peak_T, max_supersample:int, tol:float, margin:float):
     "Sub-grid size per pixel (B, n*n) from the coarse errors, the images of feature centres and the cut."
     B, x0, y0 = len(L), L[:, 5], L[:, 6]
     T32 = peak_T.astype(_F)  # the tolerance: tol x the peak of the PSF-convolved first estimate
     conv = T32 @ v.sum(1).reshape(B, n, n).astype(_F) @ T32.transpose(0, 2, 1)
     tol_pix = tol*np.maximum(conv.max((1, 2)), 1e-30).astype(np.float64)
-    level = np.minimum(np.ceil(np.sqrt(err/tol_pix[:, None])), max_supersample).astype(np.int64)
+    level = _sub_grid_sizes(np.asarray(err, np.float64), tol_pix, max_supersample)
     if images is not None:
         b, xi, yi = images
         pix, which = _near_pixels((xi + x0[b])/p + dx[b] + n//2, (yi + y0[b])/p + dy[b] + n//2, 0.5 + margin, n)
@@ -290,15 +299,29 @@ def _band_index(n:int, m:int):
     d = np.arange(n)[:, None] - np.arange(n)[None, :] + m//2
     return np.clip(d, 0, m - 1), (d >= 0) & (d < m)
 
+def _toeplitz(K, n:int)->np.ndarray:
+    "(G, n_bands, n, n) banded matrices T[i, j] = K[g, band, i - j + m//2] of centred 1-D kernels K (G, n_bands, m odd)."
+    idx, inside = _band_index(n, K.shape[-1])
+    return K[:, :, idx]*inside
+
 def _toeplitz_batch(k1s, n:int)->np.ndarray:
-    "(G, n_bands, n, n) banded matrices T[i, j] = k[i - j + len(k)//2] of 1-D kernels k1s[g][band] (odd lengths)."
+    "`_toeplitz` of 1-D kernels k1s[g][band] of odd lengths, zero-padded to the longest."
     G, nb = len(k1s), len(k1s[0])
     m = max(len(k) for ks in k1s for k in ks)
     K = np.zeros((G, nb, m))
     for g, ks in enumerate(k1s):
         for j, k in enumerate(ks): K[g, j, (m - len(k))//2:(m + len(k))//2] = k
-    idx, inside = _band_index(n, m)
-    return K[:, :, idx]*inside
+    return _toeplitz(K, n)
+
+def _gaussian_marginals(fwhm, pixscale:float=0.262)->np.ndarray:
+    "(G, n_bands, m) 1-D marginals of `dhs.psf.gaussian_kernel`s of FWHMs (G, n_bands) [arcsec], zero-padded to the longest."
+    fwhm = np.asarray(fwhm, float)
+    if not (fwhm > 0).all(): raise ValueError(f'PSF FWHM must be > 0 arcsec, got {fwhm}')
+    half = np.ceil(2*fwhm/pixscale).astype(int)[..., None]  # gaussian_kernel's size 2 ceil(2 FWHM) + 1 [pixels]
+    j = np.arange(-half.max(), half.max() + 1)
+    r = np.sqrt(2)*(fwhm/FWHM_PER_SIGMA/pixscale)[..., None]  # sqrt(2) sigma [pixels]
+    k = np.where(np.abs(j) <= half, 0.5*(erf((j + 0.5)/r) - erf((j - 0.5)/r)), 0.)  # exact pixel integrals
+    return k/k.sum(-1, keepdims=True)
 
 def band_kernels(psf_fwhm_arcsec, pixscale:float=0.262, psf:str='gaussian', moffat_beta:float=3.5)->list:
     "One PSF kernel per band from the FWHMs [arcsec] (`psf` = 'gaussian' or 'moffat')."
@@ -350,10 +373,15 @@ def _per_stamp(value, B:int, what:str)->np.ndarray:
 
 # %% ../nbs/14_render.ipynb
 def _render_group(g, sources, lenses, fluxes, kernels, n, p, dx, dy, separable, supersample, max_supersample, tol):
-    "Render stamps g (indices) that share one evaluator: all Sérsic, or one source of another kind."
+    "Render stamps g (indices) that share one evaluator: all Sérsic, or one source of another kind; `kernels`: FWHMs (B, n_bands) if `separable`."
     lc, L = _lens_consts([lenses[i] for i in g])
-    T = _toeplitz_batch([[k.sum(0) for k in kernels[i]] for i in g], n)  # marginals: exact for Gaussians
-    peak_T = T[np.arange(len(g)), [int(np.argmax([k.max() for k in kernels[i]])) for i in g]]  # sets the tolerance
+    if separable:  # Gaussians: the 1-D marginals straight from the FWHMs; the narrowest sets the tolerance
+        K = _gaussian_marginals(kernels[g], p)
+        T, peak = _toeplitz(K, n), K.max(-1).argmax(1)
+    else:
+        T = _toeplitz_batch([[k.sum(0) for k in kernels[i]] for i in g], n)
+        peak = [int(np.argmax([k.max() for k in kernels[i]])) for i in g]
+    peak_T = T[np.arange(len(g)), peak]  # the band with the sharpest PSF sets the tolerance
     srcs = [sources[i] for i in g]
     if isinstance(srcs[0], SersicSource):
         evaluate = _sersic_table(srcs, L[:, 5:7])
@@ -398,8 +426,11 @@ def render_lensed_batch(sources:list,          # B sources with sb(x, y) [1/arcs
     if len(sources) != B: raise ValueError(f'{len(sources)} sources for {B} lenses: give one source per lens')
     lenses = [check_lens(Lens(*l)) for l in lenses]
     fluxes = _per_stamp(band_fluxes, B, 'band_fluxes')
-    if psf_kernels is None: kernels = [band_kernels(f, pixscale, psf, moffat_beta) for f in _per_stamp(psf_fwhm_arcsec, B, 'psf_fwhm_arcsec')]
-    else: kernels = [list(k) for k in psf_kernels]
+    separable = psf_kernels is None and psf == 'gaussian'  # then `kernels` are the FWHMs (B, n_bands)
+    if psf_kernels is not None: kernels = [list(k) for k in psf_kernels]
+    else:
+        fwhm = _per_stamp(psf_fwhm_arcsec, B, 'psf_fwhm_arcsec')
+        kernels = fwhm if separable else [band_kernels(f, pixscale, psf, moffat_beta) for f in fwhm]
     if any(len(k) != fluxes.shape[1] for k in kernels):
         raise ValueError(f'{fluxes.shape[1]} band fluxes but {len(kernels[0])} PSFs: give one PSF FWHM (or kernel) per band')
     dx, dy = np.broadcast_to(np.asarray(dx, float), (B,)), np.broadcast_to(np.asarray(dy, float), (B,))
@@ -408,7 +439,7 @@ def render_lensed_batch(sources:list,          # B sources with sb(x, y) [1/arcs
     results = [None]*B
     for g in groups:
         for i, r in zip(g, _render_group(np.asarray(g), sources, lenses, fluxes, kernels, stamp_size, pixscale, dx, dy,
-                                         psf_kernels is None and psf == 'gaussian', supersample, max_supersample, tol)):
+                                         separable, supersample, max_supersample, tol)):
             results[i] = r
     return results
 
