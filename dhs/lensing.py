@@ -223,6 +223,80 @@ def _ray_shoot_compiled(dx, dy, k):
     return bx, by
 
 # %% ../nbs/10_lensing.ipynb
+_f4, _i4 = np.float32, np.int32
+_EXP_C4 = tuple(_f4(1/math.factorial(i)) for i in range(8)) + (_f4(0),)  # next term < 6e-9
+_ATANH_C4 = tuple(_f4(1/(2*j + 1)) for j in range(5)) + (_f4(0),)          # next < 3e-9
+_ATAN_C4 = tuple(_f4((-1)**j/(2*j + 1)) for j in range(6))                   # next < 1e-8
+_LN2_HI4, _LN2_LO4, _LOG2E4, _LN2_4 = _f4(0.693359375), _f4(-2.12194440e-4), _f4(1/math.log(2)), _f4(math.log(2))
+_F0, _F1, _F2, _FH, _TINY4 = _f4(0), _f4(1), _f4(2), _f4(0.5), _f4(1e-30)
+
+@intrinsic
+def _bits4(typingctx, x):
+    "The IEEE-754 bits of a float32 as an int32."
+    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+@intrinsic
+def _from_bits4(typingctx, i):
+    "The float32 whose IEEE-754 bits are the int32 `i`."
+    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.int32), codegen
+
+@njit(**_inline)
+def _poly5(x, c):
+    "c[0] + c[1] x + ... + c[5] x^5 (Estrin)."
+    x2 = x*x
+    return (c[0] + c[1]*x) + (c[2] + c[3]*x)*x2 + (c[4] + c[5]*x)*(x2*x2)
+
+# %% ../nbs/10_lensing.ipynb
+@njit(**_inline)
+def _exp4(x):
+    "float32 exp(x) to 1e-7 relative for -87 <= x <= 88; 0 below."
+    tiny = x < _f4(-87.)
+    x = min(max(x, _f4(-87.)), _f4(88.))
+    k = np.floor(x*_LOG2E4 + _FH)
+    r = x - k*_LN2_HI4 - k*_LN2_LO4
+    return _F0 if tiny else _poly8(r, _EXP_C4)*_from_bits4((_i4(k) + _i4(127)) << _i4(23))
+
+@njit(**_inline)
+def _log4(x):
+    "float32 natural log of a normal x > 0, to 1e-7."
+    b = _bits4(x)
+    f = _from_bits4((b & _i4(0x007FFFFF)) | _i4(0x3F800000))
+    big = f > _f4(math.sqrt(2))
+    f = f*_FH if big else f
+    m = _f4((b >> _i4(23)) - _i4(127)) + (_F1 if big else _F0)
+    s = (f - _F1)/(f + _F1)
+    return _F2*s*_poly5(s*s, _ATANH_C4) + m*_LN2_4
+
+@njit(**_inline)
+def _atanh4(y):
+    "float32 artanh(y), |y| < 1: the series near 0 (relative precision kept), 1/2 log((1+y)/(1-y)) beyond."
+    a = abs(y)
+    r = a*_poly5(a*a, _ATANH_C4) if a <= _f4(0.1716) else _FH*_log4((_F1 + a)/(_F1 - a))
+    return _f4(math.copysign(r, y))
+
+@njit(**_inline)
+def _atan4(x):
+    "float32 arctan(x) to 1e-7, the reductions of `_atan`."
+    a = abs(x)
+    inv = a > _F1
+    a = min(a, _F1/a)
+    red = a > _f4(_TAN_PI12)
+    a = (a*_f4(_SQRT3) - _F1)/(a + _f4(_SQRT3)) if red else a
+    r = a*_poly5(a*a, _ATAN_C4) + (_f4(math.pi/6) if red else _F0)
+    r = _f4(math.pi/2) - r if inv else r
+    return _f4(math.copysign(r, x))
+
+@njit(**_inline)
+def _sie_shear_ray4(dx, dy, c, s, q, e, f, g1, g2):
+    "float32 `_sie_shear_ray` (all arguments float32)."
+    xr = c*dx + s*dy; yr = c*dy - s*dx
+    w = e/max(math.sqrt(q*q*xr*xr + yr*yr), _TINY4)
+    ax = _atan4(xr*w); ay = _atanh4(yr*w)
+    return dx*(_F1 - g1) - dy*g2 - f*(c*ax - s*ay), dy*(_F1 + g1) - dx*g2 - f*(s*ax + c*ay)
+
+# %% ../nbs/10_lensing.ipynb
 def hessian(x, y, lens:Lens):
     "Hessian (psi_xx, psi_xy, psi_yy) of the lensing potential of SIE + shear [1]."
     c, s = np.cos(lens.phi), np.sin(lens.phi)

@@ -10,7 +10,7 @@ import numpy as np
 import math
 from numba import njit
 from scipy.special import gammaincinv, gamma as gamma_fn
-from .lensing import Lens, check_lens, _ray_core, _lens_table, _sie_shear_ray, _exp, _log, _jit, _inline
+from .lensing import Lens, check_lens, _ray_core, _lens_table, _sie_shear_ray, _sie_shear_ray4, _exp4, _log4, _TINY4, _jit, _inline
 from .sources import Source, SersicSource
 from scipy.special import erf
 from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA
@@ -73,19 +73,19 @@ def _sersic_table(sources:list, lens_xy)->np.ndarray:
                      q/re**2, 1/(q*re**2), 0.5/n, bn, ie], 1)
 
 @njit(**_inline)
-def _sersic_sb(bx, by, x, y, c, s, a, b, k, bn, ie):
-    "Unit-flux Sérsic [1/arcsec^2] at source-plane (bx, by); centre (x, y) [arcsec], constants of `_sersic_table`."
+def _sersic_sb4(bx, by, x, y, c, s, a, b, k, bn, ie):
+    "Unit-flux Sérsic [1/arcsec^2] at source-plane (bx, by); centre (x, y) [arcsec], constants of `_sersic_table` (all float32)."
     dx = bx - x; dy = by - y
     u = c*dx + s*dy; v = c*dy - s*dx
-    return ie*_exp(bn - bn*_exp(k*_log(max(a*u*u + b*v*v, 1e-300))))  # b_n (R/R_e)^(1/n) from R^2
+    return ie*_exp4(bn - bn*_exp4(k*_log4(max(a*u*u + b*v*v, _TINY4))))  # b_n (R/R_e)^(1/n) from R^2
 
 @njit(**_jit)
 def _sersic_rays(X, Y, m:int, lk, sk, out, BX, BY):
-    "out[:m] = unit-flux Sérsic (`_sersic_table` row sk) of rays X, Y [arcsec from the lens centre] through `_lens_table` row lk (BX, BY: scratch)."
+    "out[:m] = unit-flux Sérsic (`_sersic_table` row sk) of rays X, Y [arcsec from the lens centre] through `_lens_table` row lk (BX, BY: scratch; all float32)."
     c, s, q, e, f, g1, g2 = lk[0], lk[1], lk[2], lk[3], lk[4], lk[5], lk[6]
     x, y, sc, ss, a, b, k, bn, ie = sk[0], sk[1], sk[2], sk[3], sk[4], sk[5], sk[6], sk[7], sk[8]
-    for i in range(m): BX[i], BY[i] = _sie_shear_ray(X[i], Y[i], c, s, q, e, f, g1, g2)
-    for i in range(m): out[i] = _sersic_sb(BX[i], BY[i], x, y, sc, ss, a, b, k, bn, ie)  # two loops: 20% faster (shorter chains)
+    for i in range(m): BX[i], BY[i] = _sie_shear_ray4(X[i], Y[i], c, s, q, e, f, g1, g2)
+    for i in range(m): out[i] = _sersic_sb4(BX[i], BY[i], x, y, sc, ss, a, b, k, bn, ie)  # two loops: 20% faster (shorter chains)
 
 # %% ../nbs/14_render.ipynb
 @lru_cache(maxsize=4)
@@ -184,7 +184,7 @@ def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
     "First pass of B Sérsic stamps: Simpson estimates (B, n*n), their errors (B, n*n), brightness on the cut (B,)."
     B, n1, h = Lt.shape[0], n + 1, n//2
     m = n1*n1; R = m + n*n + ct.size
-    X, Y, val, BX, BY = np.empty(R), np.empty(R), np.empty(R), np.empty(R), np.empty(R)
+    X, Y, val, BX, BY = np.empty(R, _F), np.empty(R, _F), np.empty(R, _F), np.empty(R, _F), np.empty(R, _F)
     v, err, cut = np.empty((B, n*n)), np.empty((B, n*n)), np.empty(B)
     for b in range(B):
         for j in range(n1):  # corners, centres, cut rays: ray = offset * p - shift, from the lens centre
@@ -195,10 +195,10 @@ def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
         _sersic_rays(X, Y, R, Lt[b], St[b], val, BX, BY)
         for j in range(n):
             for i in range(n):
-                k, c = j*n1 + i, val[m + j*n + i]
-                m4 = 0.25*(val[k] + val[k + n1] + val[k + 1] + val[k + n1 + 1])
+                k, c = j*n1 + i, float(val[m + j*n + i])  # float64 from here on
+                m4 = 0.25*(float(val[k]) + float(val[k + n1]) + float(val[k + 1]) + float(val[k + n1 + 1]))
                 v[b, j*n + i] = (2*c + m4)/3; err[b, j*n + i] = abs(m4 - c)/3
-        cut[b] = val[m + n*n:].max()
+        cut[b] = float(val[m + n*n:].max())
     return v, err, cut
 
 # %% ../nbs/14_render.ipynb
@@ -206,7 +206,7 @@ def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
 def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_y, v, n_rays):
     "Overwrite v (B, n*n) with s x s midpoint means where level (B, n*n) = s >= min_level; add the rays to n_rays (B,)."
     cap = max(16384, int(level.max())**2); h = n//2
-    X, Y, val, BX, BY = np.empty(cap), np.empty(cap), np.empty(cap), np.empty(cap), np.empty(cap)
+    X, Y, val, BX, BY = np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F)
     for b in range(level.shape[0]):
         pix = 0
         while pix < n*n:  # fill the buffer with whole pixels, shoot it, sum each pixel
@@ -226,7 +226,7 @@ def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_
                 s = level[b, q]
                 if s >= min_level:
                     acc = 0.
-                    for t in range(s*s): acc += val[o + t]
+                    for t in range(s*s): acc += float(val[o + t])  # float64 sums
                     v[b, q] = acc/(s*s); o += s*s
             n_rays[b] += fill
 
@@ -269,13 +269,13 @@ def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, 
     if supersample is not None: level = np.full((B, n*n), int(supersample), np.int64)
     else:
         if sersic:
-            v, err, cut = _sersic_coarse(Lt, evaluate, n, p, shift_x, shift_y, 1e-7*np.maximum(L[:, 0], 1e-3), *_cut_circle())
+            v, err, cut = _sersic_coarse(Lt.astype(_F), evaluate.astype(_F), n, p, shift_x, shift_y, 1e-7*np.maximum(L[:, 0], 1e-3), *_cut_circle())
             v, n0 = v[:, None], (n + 1)**2 + n*n + 64
         else: v, err, cut, n0 = _coarse(evaluate, lc, L, n, p, shift_x.astype(_F), shift_y.astype(_F))
         level, n_rays = _levels(err, v, cut, images, L, n, p, dx, dy, peak_T, max_supersample, tol, margin), n_rays + n0
     if sersic:
         v = np.zeros((B, n*n)) if v is None else np.ascontiguousarray(v[:, 0], np.float64)
-        _sersic_refine(Lt, evaluate, level, 1 if supersample is not None else 2, n, p, shift_x, shift_y, v, n_rays)
+        _sersic_refine(Lt.astype(_F), evaluate.astype(_F), level, 1 if supersample is not None else 2, n, p, shift_x, shift_y, v, n_rays)
         return v.reshape(B, 1, n, n), n_rays, mult
     shift_x, shift_y = shift_x.astype(_F), shift_y.astype(_F)
     for b in range(B):
