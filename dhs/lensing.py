@@ -137,7 +137,6 @@ _LN2_HI, _LN2_LO = 0.6931471803691238, 1.9082149292705877e-10  # ln 2 split so t
 _TAN_PI12, _SQRT3 = 2 - math.sqrt(3), math.sqrt(3)
 
 # %% ../nbs/10_lensing.ipynb
-_EXP_C = tuple(1/math.factorial(i) for i in range(13))       # exp(r) = sum r^i / i!, |r| <= ln2/2: next term < 2e-17
 _ATANH_C = tuple(1/(2*j + 1) for j in range(9))              # artanh(s)/s in z = s^2, |s| <= 0.1716: next < 5e-16
 _ATAN_C = tuple((-1)**j/(2*j + 1) for j in range(12))        # arctan(a)/a in z = a^2, |a| <= 0.268: next < 2e-16
 
@@ -155,15 +154,6 @@ def _poly12(x, c):
     return lo + ((c[8] + c[9]*x) + (c[10] + c[11]*x)*x2 + c[12]*x4)*(x4*x4)
 
 # %% ../nbs/10_lensing.ipynb
-@njit(**_inline)
-def _exp(x):
-    "exp(x) to 1e-15 relative for -700 <= x <= 709; 0 below (no subnormals: they are slow)."
-    tiny = x < -700.
-    x = min(max(x, -700.), 709.)
-    k = math.floor(x*(1/math.log(2)) + 0.5)
-    r = x - k*_LN2_HI - k*_LN2_LO  # |r| <= ln2/2
-    return 0. if tiny else _poly12(r, _EXP_C)*_from_bits((np.int64(k) + 1023) << 52)  # times 2^k
-
 @njit(**_inline)
 def _atanh_series(s):
     "artanh(s) for |s| <= 3 - 2 sqrt 2 = 0.1716 (series to s^17)."
