@@ -93,10 +93,11 @@ def _render_arc(rng, size, fwhm, host_mag_r):
                      magnification=float(sb.sum()), lensed_flux_r=float(img[1].sum()))
 
 # %% ../nbs/30_data.ipynb
+_SPLIT_CYCLE = 'tvtsttvtsttttvtstttt'   # 20 regions: 14 train, 3 val, 3 test; the first 4 already hold all three
+
 def _split_of_region(region_id:int)->str:
-    "Deterministic region -> split, 70/15/15 in blocks of 20 regions."
-    k = region_id % 20
-    return 'train' if k < 14 else 'val' if k < 17 else 'test'
+    "Deterministic region -> split, 70/15/15 over every 20 consecutive regions."
+    return {'t': 'train', 'v': 'val', 's': 'test'}[_SPLIT_CYCLE[region_id % 20]]
 
 def _render_row(i:int, seed:int, size:int, prev:dict|None, paired_frac:float)->dict:
     "One synthetic row: even i injections, odd i controls (paired with row i-1 with probability paired_frac)."

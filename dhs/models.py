@@ -54,20 +54,19 @@ def swin_t_64()->tuple[nn.Module, int]:
 
 # %% ../nbs/31_models.ipynb
 class SmallCNN(nn.Module):
-    "Four conv blocks (16-32-64-128 channels) and global average pooling: trains in minutes on a CPU."
+    "Four 3x3 conv + BN + ReLU + 2x2 max-pool blocks (16-32-64-128 channels), global average pooling: fast on a CPU."
     def __init__(self, in_channels:int=3, width:int=16):
         super().__init__()
         chans, layers = [in_channels, width, 2 * width, 4 * width, 8 * width], []
         for a, b in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
-                       nn.Conv2d(b, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         self.features, self.pool = nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1)
         self.n_features = chans[-1]
 
     def forward(self, x): return self.pool(self.features(x)).flatten(1)
 
 def small_cnn()->tuple[nn.Module, int]:
-    "The CPU demo network (about 0.3 M parameters); 128 features."
+    "The CPU demo network (about 0.1 M parameters, 32 MFLOP per 64x64 stamp); 128 features."
     m = SmallCNN()
     return m, m.n_features
 
