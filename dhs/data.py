@@ -350,21 +350,28 @@ def _iter(self:StampDataset):
     a, b = shard_range(self.index.n_rows, self.batch_size, self.world_size, self.rank, K, k, self.drop_last)
     pieces = epoch_pieces(self.index, self.epoch, self.seed, self.shuffle, a, b)
     rng = np.random.default_rng([self.seed, self.epoch, self.rank, k, 1])
-    buf, n_buf = [], 0
+    sources, pend = [], None          # pixel arrays of the buffered pieces; per buffered row: source, index, labels...
     for i, piece in enumerate(pieces):
-        part = self._read(piece)
-        buf.append(part); n_buf += len(part['row'])
-        if n_buf >= max(self.shuffle_rows, self.batch_size) or i == len(pieces) - 1:
-            cat = {key: np.concatenate([p[key] for p in buf]) for key in buf[0]}
-            perm = rng.permutation(n_buf) if self.shuffle else np.arange(n_buf)
-            n_out = n_buf // self.batch_size * self.batch_size
-            for s in range(0, n_out, self.batch_size): yield _to_batch(cat, perm[s:s + self.batch_size])
-            rest = perm[n_out:]
-            buf, n_buf = ([{key: v[rest] for key, v in cat.items()}] if len(rest) else []), len(rest)
+        src, rows = self._read(piece)
+        sources.append(src); rows['src'] = np.full(len(rows['row']), len(sources) - 1)
+        pend = rows if pend is None else {key: np.concatenate([pend[key], rows[key]]) for key in rows}
+        n = len(pend['row'])
+        if n >= max(self.shuffle_rows, self.batch_size) or i == len(pieces) - 1:
+            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            n_out = n // self.batch_size * self.batch_size
+            for s in range(0, n_out, self.batch_size): yield _gather(sources, pend, perm[s:s + self.batch_size], self.index.shape)
+            pend = {key: v[perm[n_out:]] for key, v in pend.items()}
+            used = np.unique(pend['src'])                                 # keep only sources still referenced
+            sources, pend['src'] = [sources[j] for j in used], np.searchsorted(used, pend['src'])
 
-def _to_batch(cat:dict, sel:np.ndarray)->dict:
-    "Torch tensors of the selected buffered rows (fancy indexing copies into fresh, writable arrays)."
-    return {k: torch.from_numpy(v[sel]) for k, v in cat.items()}
+def _gather(sources:list, pend:dict, sel:np.ndarray, shape)->dict:
+    "A batch of the selected buffered rows: pixels copied once, straight from the row groups into the batch."
+    sel = sel[np.argsort(pend['src'][sel], kind='stable')]              # rows grouped by source (order in a batch is free)
+    src, pix = pend['src'][sel], pend['pix'][sel]
+    out = np.empty((len(sel), *shape), 'f4')
+    cuts = np.r_[0, np.flatnonzero(np.diff(src)) + 1, len(sel)]
+    for a, b in zip(cuts[:-1], cuts[1:]): np.take(sources[src[a]], pix[a:b], axis=0, out=out[a:b])
+    return dict(image=torch.from_numpy(out), **{k: torch.from_numpy(pend[k][sel]) for k in ('label', 'valid', 'row', 'meta')})
 
 # %% ../nbs/30_data.ipynb
 def _open(self:StampDataset, fi:int)->pq.ParquetFile:
@@ -375,8 +382,8 @@ def _open(self:StampDataset, fi:int)->pq.ParquetFile:
         self._files[fi] = pq.ParquetFile(p if local else fs.open(p, 'rb'))
     return self._files[fi]
 
-def _read(self:StampDataset, piece)->dict:
-    "Pixels, labels, metadata and row numbers of one piece of a block."
+def _read(self:StampDataset, piece)->tuple[np.ndarray, dict]:
+    "(pixel array, per-row arrays) of one piece of a block: fast stamps stay a zero-copy view of the row group."
     bi, sel, valid = piece
     fi, g, pos = self.index.blocks[bi]
     col, shape = self.index.stamp_columns[fi], self.index.shape
@@ -385,12 +392,14 @@ def _read(self:StampDataset, piece)->dict:
     local = pos[sel]
     if col == 'stamp':
         c = t.column(col)
-        images = decode_stamps(c.chunk(0) if c.num_chunks == 1 else c.combine_chunks(), shape)[local]
-    else: images = np.stack([decode_npz(t.column(col)[int(j)].as_py(), 'grz'[:shape[0]]) for j in local]).reshape(-1, *shape)
-    where = f'{self.index.paths[fi]} row group {g}'
-    return dict(image=images, label=(1 - t.column('is_control').to_numpy()[local]).astype('f4'),
-                valid=np.full(len(local), valid), row=(self._offsets[bi] + sel).astype(np.int64),
-                meta=meta_array(t.take(pa.array(local)).drop([col]), self.meta_names, where))
+        src, pix = decode_stamps(c.chunk(0) if c.num_chunks == 1 else c.combine_chunks(), shape), local
+    else:
+        src = np.stack([decode_npz(t.column(col)[int(j)].as_py(), 'grz'[:shape[0]]) for j in local]).reshape(-1, *shape)
+        pix = np.arange(len(local))
+    rest = t.drop([col]).take(pa.array(local))
+    return src, dict(pix=pix, label=(1 - rest.column('is_control').to_numpy()).astype('f4'), valid=np.full(len(local), valid),
+                     row=(self._offsets[bi] + sel).astype(np.int64),
+                     meta=meta_array(rest, self.meta_names, f'{self.index.paths[fi]} row group {g}'))
 
 def _meta_sources(self:StampDataset, names:list)->list:
     "The columns of a file that the metadata chains read."

@@ -20,7 +20,8 @@ from .models import LensFinder, meta_features, model_from_state
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
            'warmup_cosine', 'masked_loss', 'tpr_at_fpr', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
            'derived_seed', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'autocast_dtype',
-           'model_inputs', 'predict', 'gather_predictions', 'train_epoch', 'fit', 'config_from_args', 'main']
+           'model_inputs', 'predict', 'gather_predictions', 'train_step', 'train_epoch', 'fit', 'config_from_args',
+           'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -206,6 +207,19 @@ def gather_predictions(p:dict)->dict:
     return {k: v[o] for k, v in p.items()}
 
 # %% ../nbs/32_train.ipynb
+def train_step(net, opt, sched, b:dict, cfg:TrainConfig, names:list, dtype)->torch.Tensor:
+    "One optimisation step on a prepared batch (`x`, `meta`, `label`, `valid`); returns the detached loss."
+    x, m = model_inputs(b, names, cfg.meta_columns, cfg.channels_last)
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = net(x, m)
+    loss = masked_loss(logits, b['label'], b['valid'], cfg.loss, cfg.focal_gamma, cfg.focal_alpha)
+    opt.zero_grad(set_to_none=True); loss.backward()
+    if cfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    opt.step()
+    if sched is not None: sched.step()
+    return loss.detach()
+
+# %% ../nbs/32_train.ipynb
 def train_epoch(model, opt, sched, ds:StampDataset, cfg:TrainConfig, device, epoch:int, rank:int, step:int, log=None)->dict:
     "Train one epoch; returns the mean loss, steps done, images/s. `log(step, loss, lr)` is called every cfg.log_every steps."
     model.train(); ds.set_epoch(epoch)
@@ -218,15 +232,9 @@ def train_epoch(model, opt, sched, ds:StampDataset, cfg:TrainConfig, device, epo
     for i, batch in enumerate(bar):
         gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, epoch, rank, i, 1))
         b = prepare_batch(batch, device, cfg.preprocess, ds.meta_names, cfg.augment, gen)
-        x, m = model_inputs(b, ds.meta_names, cfg.meta_columns, cfg.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x, m)
-        loss = masked_loss(logits, b['label'], b['valid'], cfg.loss, cfg.focal_gamma, cfg.focal_alpha)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        if cfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step(); sched.step()
-        total += loss.detach(); n_img += x.shape[0]; step += 1
-        if log and step % cfg.log_every == 0: log(step, float(loss.detach()), sched.get_last_lr()[0])
+        loss = train_step(model, opt, sched, b, cfg, ds.meta_names, dtype)
+        total += loss; n_img += b['x'].shape[0]; step += 1
+        if log and step % cfg.log_every == 0: log(step, float(loss), sched.get_last_lr()[0])
     n = max(1, len(ds))
     return dict(train_loss=float(total) / n, steps=step, images_per_s=n_img / max(time.time() - t0, 1e-9))
 
