@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_data.ipynb 1
 from __future__ import annotations
-import math
+import math, os
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
@@ -82,7 +82,7 @@ def _render_arc(rng, size, fwhm, host_mag_r):
     theta_e = rng.uniform(0.5, 2.5)
     lens = Lens(theta_e, rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), *(0.03 * rng.normal(size=2)))
     xs, ys = sample_source_position(lens, rng)
-    dmag, reff, n_s, q_s, phi_s = rng.uniform(1.0, 4.5), rng.uniform(0.1, 0.4), 1.0, rng.uniform(0.5, 1.0), rng.uniform(0, np.pi)
+    dmag, reff, n_s, q_s, phi_s = rng.uniform(1.0, 6.0), rng.uniform(0.1, 0.4), 1.0, rng.uniform(0.5, 1.0), rng.uniform(0, np.pi)
     fl = band_fluxes_from_mag(host_mag_r + dmag, 0.3 + 0.1 * rng.normal(), 0.2 + 0.1 * rng.normal())
     x, y = _pixel_grid(size, 4)
     bx, by = ray_shoot(x, y, lens)
@@ -335,7 +335,7 @@ class StampDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size = (r if rank is None else rank), (w if world_size is None else world_size)
         self.batch_size, self.shuffle, self.drop_last, self.seed, self.shuffle_rows = batch_size, shuffle, drop_last, seed, shuffle_rows
         self.meta_names = list(dict.fromkeys([*CONDITION_COLUMNS, *meta_columns]))
-        self.epoch, self._files, self._offsets = 0, {}, self.index.block_offsets()
+        self.epoch, self._files, self._offsets, self._pid = 0, {}, self.index.block_offsets(), os.getpid()
 
     def set_epoch(self, epoch:int): self.epoch = epoch
     def __iter__(self): return _iter(self)      # defined below
@@ -375,11 +375,15 @@ def _gather(sources:list, pend:dict, sel:np.ndarray, shape)->dict:
 
 # %% ../nbs/30_data.ipynb
 def _open(self:StampDataset, fi:int)->pq.ParquetFile:
-    "The Parquet file `fi`, opened once per process."
+    "The Parquet file `fi`, opened once per process; remote filesystems are re-created in each worker (fsspec's are not fork-safe)."
+    if self._files.get('pid') != os.getpid(): self._files = {'pid': os.getpid()}
     if fi not in self._files:
         fs, p = self.index.fs, self.index.paths[fi]
-        local = 'file' in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        self._files[fi] = pq.ParquetFile(p if local else fs.open(p, 'rb'))
+        if 'file' in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)): self._files[fi] = pq.ParquetFile(p)
+        else:
+            if 'fs' not in self._files:
+                self._files['fs'] = fs if self._files['pid'] == self._pid else type(fs)(**fs.storage_options, skip_instance_cache=True)
+            self._files[fi] = pq.ParquetFile(self._files['fs'].open(p, 'rb'))
     return self._files[fi]
 
 def _read(self:StampDataset, piece)->tuple[np.ndarray, dict]:
