@@ -144,22 +144,25 @@ def model_from_state(state:dict, arch:str|None=None)->LensFinder:
 def metadata_leakage(df:pd.DataFrame,        # one row per stamp, with `is_control` and the columns
                      columns:list,           # metadata columns to test
                      folds:int=5, seed:int=0, max_rows:int=200_000,
+                     group:str='host_id',    # rows sharing this column's value stay in one fold
                      n_threads:int|None=None)->dict:  # threads for sklearn's OpenMP (None: its default)
     "Cross-validated AUC of the label (injection vs control) from metadata alone: logistic regression and boosted trees."
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold, StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.impute import SimpleImputer
     from threadpoolctl import threadpool_limits
     d = df.sample(max_rows, random_state=seed) if len(df) > max_rows else df
     X, y = d[columns].to_numpy(float), 1 - d['is_control'].to_numpy(int)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    groups = d[group].to_numpy() if group in d else None      # paired rows share a host and its conditions: keep them in one fold
+    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if groups is not None else StratifiedKFold(folds, shuffle=True, random_state=seed)
     lr = make_pipeline(SimpleImputer(), StandardScaler(), LogisticRegression(max_iter=1000))
     gb = HistGradientBoostingClassifier(max_iter=100, random_state=seed)
     with threadpool_limits(n_threads):
-        auc = {k: float(roc_auc_score(y, cross_val_predict(m, X, y, cv=cv, method='predict_proba')[:, 1])) for k, m in [('lr', lr), ('gb', gb)]}
+        auc = {k: float(roc_auc_score(y, cross_val_predict(m, X, y, groups=groups, cv=cv, method='predict_proba')[:, 1]))
+               for k, m in [('lr', lr), ('gb', gb)]}
     per = {c: float(roc_auc_score(y, np.nan_to_num(d[c].to_numpy(float), nan=np.nanmedian(d[c].to_numpy(float))))) for c in columns}
     return dict(n=len(d), columns=list(columns), auc_logistic=auc['lr'], auc_gbm=auc['gb'], auc_per_column=per)

@@ -94,3 +94,21 @@ def test_torchrun_two_ranks_gloo(stamps, tmp_path):
     assert ck['step'] == 2 * batches_per_rank(n_train, 8, 2, True)           # each rank stepped through its half
     h = json.loads((out / 'metrics.json').read_text())
     assert h[-1]['val_n_pos'] + h[-1]['val_n_neg'] == int((df.region_split == 'val').sum())   # validation gathered over ranks
+
+
+def test_run_notebook_trains_scores_and_plots(tmp_path):
+    import papermill as pm
+    from dhs.runner import ensure_kernel
+    nb = Path(__file__).resolve().parents[1] / 'nbs' / 'runs' / '05_train.ipynb'
+    params = pm.inspect_notebook(str(nb))
+    assert {'run_dir', 'stamps', 'arch', 'epochs', 'batch_size', 'device', 'preset'} <= set(params)
+    run = tmp_path / 'run'
+    pm.execute_notebook(str(nb), str(tmp_path / 'out.ipynb'), parameters=dict(run_dir=str(run), n_synthetic=120, epochs=2, batch_size=16),
+                        kernel_name=ensure_kernel(), cwd=str(tmp_path), progress_bar=False)
+    for split in ('val', 'test'):
+        s = pq.read_table(run / 'scores' / f'{split}.parquet').to_pandas()
+        assert len(s) > 0 and set(s.region_split) == {split} and s.score.between(0, 1).all()
+    assert (run / 'figures' / 'loss_curve.png').read_bytes()[:4] == b'\x89PNG'
+    summary = json.loads((run / 'train_summary.json').read_text())
+    assert summary['config']['arch'] == 'small_cnn' and summary['config']['epochs'] == 2
+    assert len(json.loads((run / 'train' / 'metrics.json').read_text())) == 2
