@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_data.ipynb 1
 from __future__ import annotations
-import math, os
+import functools, math, os
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
@@ -421,10 +421,14 @@ class Preprocess:
     clip_value:float = 10.0          # c [robust sigma]
     residual:bool = False            # subtract the azimuthal median profile first
 
-def radius_pix(size:int, device=None)->torch.Tensor:
-    "Distance [pixels] of each pixel from the host pixel (size//2, size//2)."
+@functools.lru_cache(maxsize=16)
+def _radius_pix(size:int, device:str)->torch.Tensor:
     i = torch.arange(size, device=device, dtype=torch.float32) - size // 2
     return torch.sqrt(i[:, None] ** 2 + i[None, :] ** 2)
+
+def radius_pix(size:int, device=None)->torch.Tensor:
+    "Distance [pixels] of each pixel from the host pixel (size//2, size//2); cached per size and device."
+    return _radius_pix(size, str(torch.device(device or 'cpu')))
 
 # %% ../nbs/30_data.ipynb
 def robust_normalize(x:torch.Tensor, # (B, C, N, N) images
@@ -446,8 +450,9 @@ def soft_clip(x:torch.Tensor, kind:str, c:float)->torch.Tensor:
     raise ValueError(f"clip must be 'hard', 'asinh' or 'none', got {kind!r}")
 
 # %% ../nbs/30_data.ipynb
-def _ring_index(size:int, device)->torch.Tensor:
-    "(rings, max ring size) flat pixel indices of the integer-radius rings; padding points at index size*size."
+@functools.lru_cache(maxsize=16)
+def _ring_index(size:int, device:str)->tuple[torch.Tensor, torch.Tensor]:
+    "(rings, max ring size) flat pixel indices of the integer-radius rings (padding points at index size*size), ring of each pixel."
     r = radius_pix(size).round().long().flatten()
     rings = [torch.nonzero(r == k).flatten() for k in range(int(r.max()) + 1)]
     idx = torch.full((len(rings), max(len(q) for q in rings)), size * size, dtype=torch.long)
@@ -456,7 +461,7 @@ def _ring_index(size:int, device)->torch.Tensor:
 
 def radial_residual(x:torch.Tensor)->torch.Tensor:
     "x minus its azimuthal median profile (rings of integer radius about pixel (N//2, N//2)), per image and band."
-    idx, ring_of = _ring_index(x.shape[-1], x.device)
+    idx, ring_of = _ring_index(x.shape[-1], str(x.device))
     flat = torch.cat([x.flatten(-2), torch.full((*x.shape[:-2], 1), float('nan'), device=x.device, dtype=x.dtype)], -1)
     prof = flat[..., idx].nanmedian(-1).values                  # (B, C, rings)
     return x - prof[..., ring_of].view_as(x)
@@ -481,14 +486,18 @@ def dihedral(x:torch.Tensor, k:int)->torch.Tensor:
     for _ in range(k % 4): x = _cflip(x.transpose(-2, -1), -2)     # a counter-clockwise quarter turn
     return x
 
+@functools.lru_cache(maxsize=16)
+def _dihedral_index(size:int, device:str)->torch.Tensor:
+    "(8, size*size) source pixel of each output pixel under each dihedral element."
+    src = torch.arange(size * size).view(1, 1, size, size)
+    return torch.cat([dihedral(src, k).reshape(1, -1) for k in range(8)]).to(device)
+
 def random_dihedral(x:torch.Tensor, gen:torch.Generator)->torch.Tensor:
-    "Each image of a batch under a random one of the 8 dihedral transforms."
-    k = torch.randint(0, 8, (x.shape[0],), generator=gen, device=gen.device).to(x.device)
-    out = torch.empty_like(x)
-    for g in range(8):
-        sel = k == g
-        if sel.any(): out[sel] = dihedral(x[sel], g)
-    return out
+    "Each image of a batch under a random one of the 8 dihedral transforms (one gather, no host sync)."
+    B, C, n = x.shape[0], x.shape[1], x.shape[-1]
+    k = torch.randint(0, 8, (B,), generator=gen, device=gen.device).to(x.device)
+    idx = _dihedral_index(n, str(x.device))[k][:, None, :].expand(B, C, n * n)
+    return x.reshape(B, C, n * n).gather(-1, idx).view_as(x)
 
 # %% ../nbs/30_data.ipynb
 @dataclass
@@ -528,10 +537,10 @@ _SEEING_FACTOR = torch.tensor([1.06, 1.0, 0.93])    # FWHM per band relative to 
 
 def draw_conditions(n:int, a:Augment, gen:torch.Generator)->tuple[torch.Tensor, torch.Tensor]:
     "Target (n, 3) PSF FWHM [arcsec] and psfdepth [1/nmgy^2] per band, from DR10-like distributions."
-    z = torch.randn(n, 3, generator=gen, device=gen.device).cpu()
+    z = torch.randn(n, 3, generator=gen, device=gen.device)
     fwhm_r = (a.degrade_seeing_r * torch.exp(a.degrade_seeing_sigma * z[:, 0])).clamp(0.8, 2.5)
-    mag5 = _DEPTH5_MEDIAN + 0.3 * z[:, 1:2] + 0.1 * z[:, 2:3]
-    return fwhm_r[:, None] * _SEEING_FACTOR, 25.0 / (10 ** ((22.5 - mag5) / 2.5)) ** 2
+    mag5 = _DEPTH5_MEDIAN.to(z.device) + 0.3 * z[:, 1:2] + 0.1 * z[:, 2:3]
+    return fwhm_r[:, None] * _SEEING_FACTOR.to(z.device), 25.0 / (10 ** ((22.5 - mag5) / 2.5)) ** 2
 
 # %% ../nbs/30_data.ipynb
 def degrade(x:torch.Tensor, meta:torch.Tensor, names:list, a:Augment, gen:torch.Generator, dx=None, dy=None):
