@@ -18,7 +18,7 @@ from .stamps import write_stamp_table
 from .train import TrainConfig, gpu_config, cpu_demo_config, train_step, autocast_dtype, _optimizer, resolve_device
 
 # %% auto 0
-__all__ = ['write_bench_table', 'ceiling_rate', 'pipeline_rate', 'bench_train', 'main']
+__all__ = ['write_bench_table', 'ceiling_step', 'pipeline_step', 'measure', 'bench_train', 'main']
 
 # %% ../nbs/35_bench_train.ipynb
 def _write_part(args)->int:
@@ -50,19 +50,21 @@ def _model(cfg:TrainConfig, device, compiled:bool):
     if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
     return model, (torch.compile(model) if compiled else model), _optimizer(model, cfg)
 
-def ceiling_rate(cfg:TrainConfig, device, compiled:bool=False, seconds:float=20.0, warmup:int=10)->float:
-    "Training images/s on synthetic tensors already on the device."
-    model, net, opt = _model(cfg, device, compiled)
+def _timed(step, device, seconds:float, warmup:int)->float:
+    "Images/s of repeated `step()` calls (each returns its batch size) after `warmup` untimed calls."
+    for _ in range(warmup): step()
+    _sync(device); n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds: n += step()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+def ceiling_step(cfg:TrainConfig, device, net, opt):
+    "A training step on one fixed batch of synthetic tensors already on the device."
     B, g = cfg.batch_size, torch.Generator(device=device).manual_seed(0)
     b = dict(x=torch.randn(B, 3, 64, 64, device=device, generator=g), label=(torch.rand(B, device=device, generator=g) < 0.5).float(),
              valid=torch.ones(B, dtype=torch.bool, device=device), meta=torch.zeros(B, 0, device=device))
     dtype = autocast_dtype(cfg.precision, device)
-    for _ in range(warmup): train_step(net, opt, None, b, cfg, [], dtype)
-    _sync(device); n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        train_step(net, opt, None, b, cfg, [], dtype); n += B
-    _sync(device)
-    return n / (time.perf_counter() - t0)
+    return lambda: (train_step(net, opt, None, b, cfg, [], dtype), B)[1]
 
 # %% ../nbs/35_bench_train.ipynb
 def _batches(ds:StampDataset, cfg:TrainConfig, device):
@@ -71,44 +73,47 @@ def _batches(ds:StampDataset, cfg:TrainConfig, device):
                         prefetch_factor=4 if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0)
     while True: yield from loader
 
-def pipeline_rate(cfg:TrainConfig, device, table, compiled:bool=False, seconds:float=20.0, warmup:int=10, train:bool=True)->float:
-    "Images/s of the whole pipeline (train=False: loader, transfer and preprocessing only, no model)."
+def pipeline_step(cfg:TrainConfig, device, table, net=None, opt=None):
+    "A step of the whole pipeline: next loader batch, transfer, preprocessing and augmentation, and (with a net) training."
     ds = StampDataset(table, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, shuffle_rows=cfg.shuffle_rows)
-    model, net, opt = _model(cfg, device, compiled) if train else (None, None, None)
     dtype, gen, it = autocast_dtype(cfg.precision, device), torch.Generator(device=device).manual_seed(1), _batches(ds, cfg, device)
     def step():
         b = prepare_batch(next(it), device, cfg.preprocess, ds.meta_names, cfg.augment, gen)
-        if train: train_step(net, opt, None, b, cfg, ds.meta_names, dtype)
+        if net is not None: train_step(net, opt, None, b, cfg, ds.meta_names, dtype)
         return b['x'].shape[0]
-    for _ in range(warmup): step()
-    _sync(device); n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds: n += step()
-    _sync(device)
-    return n / (time.perf_counter() - t0)
+    return step
+
+def measure(cfg:TrainConfig, device, table, compiled:bool=False, seconds:float=20.0, repeats:int=2, warmup:int=10)->dict:
+    "Pipeline and ceiling images/s of one model, measured alternately `repeats` times (the best of each is kept)."
+    model, net, opt = _model(cfg, device, compiled)
+    ceil, pipe = ceiling_step(cfg, device, net, opt), pipeline_step(cfg, device, table, net, opt)
+    runs = [(_timed(ceil, device, seconds, warmup if r == 0 else 2), _timed(pipe, device, seconds, warmup if r == 0 else 2)) for r in range(repeats)]
+    c, p = max(x[0] for x in runs), max(x[1] for x in runs)
+    return dict(pipeline=p, ceiling=c, fraction_of_ceiling=p / c, runs=[dict(ceiling=a, pipeline=b) for a, b in runs])
 
 # %% ../nbs/35_bench_train.ipynb
 def bench_train(device:str='auto', arch:str|None=None, rows:int|None=None, batch_size:int|None=None, seconds:float|None=None,
-                modes:list|None=None, num_workers:int|None=None, encoding:str='plain', folder=None, log=print)->dict:
+                modes:list|None=None, num_workers:int|None=None, encoding:str='plain', folder=None, repeats:int=2, log=print)->dict:
     "Training images/s, pipeline vs on-device ceiling, per mode (eager, compiled); CUDA: ResNet18 on 200k rows, CPU: a small version."
     dev = resolve_device(device)
     cuda = dev.type == 'cuda'
     base = gpu_config(device=str(dev)) if cuda else cpu_demo_config()
     cfg = dataclasses.replace(base, arch=arch or base.arch, batch_size=batch_size or base.batch_size, progress=False,
                               num_workers=(min(12, max(1, (os.cpu_count() or 2) - 2)) if cuda else 0) if num_workers is None else num_workers)
-    rows, seconds = rows or (200_000 if cuda else 2048), seconds or (20.0 if cuda else 5.0)
+    rows, seconds = rows or (200_000 if cuda else 2048), seconds or (15.0 if cuda else 5.0)
     modes = modes or (['eager', 'compiled'] if cuda else ['eager'])
     out = dict(device=torch.cuda.get_device_name(dev) if cuda else platform.processor() or 'cpu', torch=torch.__version__, arch=cfg.arch,
-               batch_size=cfg.batch_size, precision=str(autocast_dtype(cfg.precision, dev)), rows=rows, num_workers=cfg.num_workers,
-               cpu_count=os.cpu_count(), encoding=encoding, seconds_per_measurement=seconds, unit='training images per second')
+               batch_size=cfg.batch_size, precision='bf16' if autocast_dtype(cfg.precision, dev) else 'fp32', rows=rows, num_workers=cfg.num_workers,
+               cpu_count=os.cpu_count(), encoding=encoding, seconds_per_measurement=seconds, repeats=repeats,
+               unit='training images per second (best of the repeats)')
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         t0 = time.time(); table = write_bench_table(Path(tmp)/'stamps', rows, encoding=encoding); out['table_write_s'] = round(time.time() - t0, 1)
         log(f'[bench train] {rows} rows written in {out["table_write_s"]} s; {out["device"]}, {cfg.arch}, batch {cfg.batch_size}')
-        out['loader_only'] = pipeline_rate(cfg, dev, table, seconds=seconds / 2, train=False)
+        out['loader_only'] = _timed(pipeline_step(cfg, dev, table), dev, seconds / 2, 5)
         for m in modes:
-            c = ceiling_rate(cfg, dev, m == 'compiled', seconds)
-            p = pipeline_rate(cfg, dev, table, m == 'compiled', seconds)
-            out[m] = dict(pipeline=p, ceiling=c, fraction_of_ceiling=p / c)
-            log(f'[bench train] {m}: pipeline {p:.0f}/s, ceiling {c:.0f}/s ({p / c:.0%}); loader alone {out["loader_only"]:.0f}/s')
+            out[m] = r = measure(cfg, dev, table, m == 'compiled', seconds, repeats)
+            log(f'[bench train] {m}: pipeline {r["pipeline"]:.0f}/s, ceiling {r["ceiling"]:.0f}/s ({r["fraction_of_ceiling"]:.0%}); '
+                f'loader alone {out["loader_only"]:.0f}/s')
     return out
 
 # %% ../nbs/35_bench_train.ipynb
@@ -119,7 +124,8 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--arch', default=None, help='default: resnet18 on CUDA, small_cnn on CPU')
     ap.add_argument('--rows', type=int, default=None, help='rows of the bench table (default 200000 on CUDA, 2048 on CPU)')
     ap.add_argument('--batch-size', type=int, default=None, help='default 512 on CUDA, 64 on CPU')
-    ap.add_argument('--seconds', type=float, default=None, help='per measurement (default 20 on CUDA, 5 on CPU)')
+    ap.add_argument('--seconds', type=float, default=None, help='per measurement (default 15 on CUDA, 5 on CPU)')
+    ap.add_argument('--repeats', type=int, default=2, help='alternating ceiling/pipeline measurements per mode (best kept)')
     ap.add_argument('--modes', default=None, help="comma-separated: eager,compiled (default both on CUDA, eager on CPU)")
     ap.add_argument('--num-workers', type=int, default=None)
     ap.add_argument('--encoding', default='plain', choices=['plain', 'zstd'], help='compression of the stamp pages')
@@ -127,6 +133,6 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--json', action='store_true')
     a = ap.parse_args(argv)
     r = bench_train(a.device, a.arch, a.rows, a.batch_size, a.seconds, a.modes.split(',') if a.modes else None, a.num_workers,
-                    a.encoding, a.dir, log=(lambda *x: None) if a.json else print)
+                    a.encoding, a.dir, a.repeats, log=(lambda *x: None) if a.json else print)
     print(json.dumps(r, indent=1) if a.json else f"loader alone: {r['loader_only']:.0f} images/s")
     return 0
