@@ -343,7 +343,6 @@ class StampDataset(torch.utils.data.IterableDataset):
     def __getstate__(self): return {**self.__dict__, '_files': {}}   # open files stay in their process
 
 # %% ../nbs/30_data.ipynb
-@torch.no_grad()
 def _iter(self:StampDataset):
     info = torch.utils.data.get_worker_info()
     k, K = (info.id, info.num_workers) if info else (0, 1)
