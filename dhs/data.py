@@ -385,6 +385,14 @@ def _open(self:StampDataset, fi:int)->pq.ParquetFile:
             self._files[fi] = pq.ParquetFile(self._files['fs'].open(p, 'rb'))
     return self._files[fi]
 
+def _stamp_pixels(c:pa.ChunkedArray, local:np.ndarray, shape)->tuple[np.ndarray, np.ndarray]:
+    "(array, row indices into it) of a `stamp` column: a zero-copy view of a fixed-size column (null slots included), else decoded rows."
+    c = c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()
+    if pa.types.is_fixed_size_binary(c.type):
+        per = c.type.byte_width
+        return np.frombuffer(c.buffers()[1], '<f4', count=len(c) * per // 4, offset=c.offset * per).reshape(len(c), *shape), local
+    return decode_stamps(c.take(pa.array(local)), shape), np.arange(len(local))
+
 def _read(self:StampDataset, piece)->tuple[np.ndarray, dict]:
     "(pixel array, per-row arrays) of one piece of a block: fast stamps stay a zero-copy view of the row group."
     bi, sel, valid = piece
@@ -393,9 +401,7 @@ def _read(self:StampDataset, piece)->tuple[np.ndarray, dict]:
     pf = self._open(fi)
     t = pf.read_row_group(g, columns=[col, 'is_control', *self._meta_sources(pf.schema_arrow.names)])
     local = pos[sel]
-    if col == 'stamp':
-        c = t.column(col)
-        src, pix = decode_stamps(c.chunk(0) if c.num_chunks == 1 else c.combine_chunks(), shape), local
+    if col == 'stamp': src, pix = _stamp_pixels(t.column(col), local, shape)
     else:
         src = np.stack([decode_npz(t.column(col)[int(j)].as_py(), 'grz'[:shape[0]]) for j in local]).reshape(-1, *shape)
         pix = np.arange(len(local))

@@ -19,9 +19,9 @@ from .models import LensFinder, meta_features, model_from_state
 # %% auto 0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
            'warmup_cosine', 'masked_loss', 'tpr_at_fpr', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
-           'derived_seed', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'autocast_dtype',
-           'model_inputs', 'predict', 'gather_predictions', 'train_step', 'train_epoch', 'fit', 'config_from_args',
-           'main']
+           'derived_seed', 'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint',
+           'autocast_dtype', 'model_inputs', 'predict', 'gather_predictions', 'train_step', 'train_epoch', 'fit',
+           'config_from_args', 'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -146,10 +146,18 @@ def derived_seed(*parts:int)->int:
 
 # %% ../nbs/32_train.ipynb
 CHECKPOINT_FORMAT = 'dhs-checkpoint-1'
+_SECRET_WORDS = ('key', 'secret', 'token', 'password', 'credential')
+
+def public_config(cfg:TrainConfig)->dict:
+    "The config as a plain dict, with credentials in `storage_options` redacted (it is written beside every output)."
+    d = config_dict(cfg)
+    red = lambda o: {k: '<redacted>' if any(w in k.lower() for w in _SECRET_WORDS) else red(v) for k, v in o.items()} if isinstance(o, dict) else o
+    d['storage_options'] = red(d['storage_options'])
+    return d
 
 def save_checkpoint(path, model, cfg:TrainConfig, state:dict, optimizer=None, scheduler=None):
     "Write a checkpoint atomically (rank 0 calls it)."
-    ck = dict(format=CHECKPOINT_FORMAT, config=config_dict(cfg), arch=model.arch, n_meta=model.n_meta,
+    ck = dict(format=CHECKPOINT_FORMAT, config=public_config(cfg), arch=model.arch, n_meta=model.n_meta,
               meta_columns=list(cfg.meta_columns), preprocess=config_dict(cfg.preprocess), model=model.state_dict(),
               optimizer=optimizer.state_dict() if optimizer else None, scheduler=scheduler.state_dict() if scheduler else None,
               provenance=json.loads(json.dumps(provenance(), default=str)), **state)
@@ -236,6 +244,9 @@ def train_epoch(model, opt, sched, ds:StampDataset, cfg:TrainConfig, device, epo
         total += loss; n_img += b['x'].shape[0]; step += 1
         if log and step % cfg.log_every == 0: log(step, float(loss), sched.get_last_lr()[0])
     n = max(1, len(ds))
+    if not torch.isfinite(total):
+        raise FloatingPointError(f'epoch {epoch}: the training loss is not finite; check the stamps for NaN pixels (dhs validate '
+                                 f'{cfg.stamps}) or lower the learning rate ({cfg.lr})')
     return dict(train_loss=float(total) / n, steps=step, images_per_s=n_img / max(time.time() - t0, 1e-9))
 
 # %% ../nbs/32_train.ipynb
@@ -312,7 +323,7 @@ def fit(cfg:TrainConfig, resume:bool=False, stop_after:int|None=None, log=print)
     "Train; with `resume`, continue from out_dir/last.pt. `stop_after`: return after that many epochs in this call (as if interrupted)."
     device, rank, world, created, tr, va, model, opt, sched, state = _setup(cfg, resume)
     out = Path(cfg.out_dir)
-    if rank == 0: out.mkdir(parents=True, exist_ok=True); write_json(provenance(cfg, world_size=world), out/'config.json')
+    if rank == 0: out.mkdir(parents=True, exist_ok=True); write_json(provenance(public_config(cfg), world_size=world), out/'config.json')
     step_log = _step_logger(out, state['step']) if rank == 0 else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
     if cfg.compile: net = torch.compile(net)
