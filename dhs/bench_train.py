@@ -15,7 +15,7 @@ from .bench_loader import tiled_table
 from .data import StampDataset, prepare_batch
 from .models import LensFinder
 from .stamps import write_stamp_table
-from .train import TrainConfig, gpu_config, cpu_demo_config, train_step, autocast_dtype, _optimizer, resolve_device
+from .train import TrainConfig, gpu_config, cpu_demo_config, train_step, autocast_dtype, _optimizer, resolve_device, loader_kwargs
 
 # %% auto 0
 __all__ = ['write_bench_table', 'ceiling_step', 'pipeline_step', 'measure', 'bench_train', 'main']
@@ -69,8 +69,7 @@ def ceiling_step(cfg:TrainConfig, device, net, opt):
 # %% ../nbs/35_bench_train.ipynb
 def _batches(ds:StampDataset, cfg:TrainConfig, device):
     "Loader batches forever (epochs in turn), with pinned memory and persistent workers."
-    loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == 'cuda',
-                        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(ds, persistent_workers=cfg.num_workers > 0, **loader_kwargs(ds, cfg.num_workers, device))
     while True: yield from loader
 
 def pipeline_step(cfg:TrainConfig, device, table, net=None, opt=None):

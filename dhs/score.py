@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from .core import atomic_path, is_local, local_path, provenance
 from .data import Preprocess, StampDataset, prepare_batch, dihedral
 from .models import detect_arch
-from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device
+from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs
 
 # %% auto 0
 __all__ = ['load_member', 'score_rows', 'passthrough_columns', 'score_table', 'write_scores', 'main']
@@ -49,7 +49,7 @@ def _member_logits(m:dict, batch:dict, names:list, device, precision:str, tta:bo
 def score_rows(members:list, ds:StampDataset, device, precision:str='auto', tta:bool=False, num_workers:int=0)->dict:
     "{'row', 'logits' (rows, members)} for the valid rows of `ds`, sorted by row."
     rows, logits = [], []
-    for batch in DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=device.type == 'cuda'):
+    for batch in DataLoader(ds, **loader_kwargs(ds, num_workers, device)):
         v = batch['valid']
         out = torch.stack([_member_logits(m, batch, ds.meta_names, device, precision, tta) for m in members], 1)
         rows.append(batch['row'][v]); logits.append(out.cpu()[v])

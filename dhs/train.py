@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_train.ipynb 1
 from __future__ import annotations
-import argparse, ast, csv, dataclasses, json, math, os, sys, time
+import argparse, ast, csv, dataclasses, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -20,8 +20,8 @@ from .models import LensFinder, meta_features, model_from_state
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
            'warmup_cosine', 'masked_loss', 'tpr_at_fpr', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
            'derived_seed', 'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint',
-           'autocast_dtype', 'model_inputs', 'predict', 'gather_predictions', 'train_step', 'train_epoch', 'fit',
-           'config_from_args', 'main']
+           'autocast_dtype', 'model_inputs', 'loader_kwargs', 'predict', 'gather_predictions', 'train_step',
+           'train_epoch', 'fit', 'config_from_args', 'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -187,6 +187,21 @@ def model_inputs(b:dict, names:list, meta_columns:list, channels_last:bool):
     return x, (meta_features(b['meta'], names, meta_columns) if meta_columns else None)
 
 # %% ../nbs/32_train.ipynb
+def loader_kwargs(ds:StampDataset, num_workers:int, device, prefetch:int=4)->dict:
+    "DataLoader options: whole batches, pinned memory on CUDA, prefetching sized to the free shared memory (/dev/shm)."
+    kw = dict(batch_size=None, num_workers=num_workers, pin_memory=torch.device(device).type == 'cuda')
+    if num_workers:
+        batch_bytes = 4 * ds.batch_size * int(np.prod(ds.index.shape))
+        try: free = shutil.disk_usage('/dev/shm').free
+        except OSError: free = None
+        fit_in = int(free // (2 * batch_bytes * num_workers)) if free else prefetch    # keep half of /dev/shm free
+        if fit_in < 1: warnings.warn(f'/dev/shm has {free / 2**20:.0f} MiB free, too little for {num_workers} workers with batches of '
+                                     f'{batch_bytes / 2**20:.0f} MiB: DataLoader workers may crash (bus error); give the container more '
+                                     'shared memory (docker --shm-size) or use fewer workers')
+        kw['prefetch_factor'] = max(1, min(prefetch, fit_in))
+    return kw
+
+# %% ../nbs/32_train.ipynb
 @torch.no_grad()
 def predict(model, ds:StampDataset, device, preprocess:Preprocess, meta_columns:list, precision:str='auto',
             channels_last:bool=False, num_workers:int=0, tta:bool=False)->dict:
@@ -194,8 +209,7 @@ def predict(model, ds:StampDataset, device, preprocess:Preprocess, meta_columns:
     from dhs.data import dihedral
     model.eval()
     dtype, rows, labels, logits = autocast_dtype(precision, device), [], [], []
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=device.type == 'cuda')
-    for batch in loader:
+    for batch in DataLoader(ds, **loader_kwargs(ds, num_workers, device)):
         b = prepare_batch(batch, device, preprocess, ds.meta_names)
         x, m = model_inputs(b, ds.meta_names, meta_columns, channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -233,8 +247,7 @@ def train_epoch(model, opt, sched, ds:StampDataset, cfg:TrainConfig, device, epo
     model.train(); ds.set_epoch(epoch)
     torch.manual_seed(derived_seed(cfg.seed, epoch, rank, 2))            # dropout and friends: a function of the epoch
     dtype = autocast_dtype(cfg.precision, device)
-    loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == 'cuda',
-                        prefetch_factor=4 if cfg.num_workers else None)
+    loader = DataLoader(ds, **loader_kwargs(ds, cfg.num_workers, device))
     total, n_img, t0 = torch.zeros((), device=device), 0, time.time()
     bar = tqdm(loader, total=len(ds), desc=f'epoch {epoch}', disable=not cfg.progress or rank != 0, mininterval=2, file=sys.stderr)
     for i, batch in enumerate(bar):
