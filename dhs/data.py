@@ -21,10 +21,10 @@ from .lensing import Lens, ray_shoot, sample_source_position
 # %% auto 0
 __all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'CONDITION_COLUMNS', 'depth5_to_psfdepth', 'gaussian_nea_pix', 'pixel_sigma',
            'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',
-           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset', 'Preprocess',
-           'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual', 'preprocess', 'dihedral',
-           'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power', 'draw_conditions', 'degrade',
-           'prepare_batch']
+           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
+           'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual',
+           'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power',
+           'draw_conditions', 'degrade', 'prepare_batch']
 
 # %% ../nbs/30_data.ipynb
 PIXSCALE = 0.262  # DECaLS pixel scale [arcsec/pixel]
@@ -415,6 +415,21 @@ def _meta_sources(self:StampDataset, names:list)->list:
     return list(dict.fromkeys(c for m in self.meta_names for c in meta_chain(m) if c in names))
 
 StampDataset._open, StampDataset._read, StampDataset._meta_sources = _open, _read, _meta_sources
+
+# %% ../nbs/30_data.ipynb
+def _is_binary(t:pa.DataType)->bool: return pa.types.is_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_large_binary(t)
+
+def index_columns(ds:StampDataset, columns:list|None=None)->pa.Table:
+    "Columns (default: every non-binary one) of the dataset's indexed rows, in row order: row k is the batches' `row` k."
+    idx, parts = ds.index, []
+    for fi in range(len(idx.paths)):
+        blocks = [(g, pos) for f, g, pos in idx.blocks if f == fi]
+        if not blocks: continue
+        pf = ds._open(fi)
+        cols = [f.name for f in pf.schema_arrow if not _is_binary(f.type)] if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+        starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])])
+        parts.append(pf.read(columns=cols).take(pa.array(np.concatenate([starts[g] + pos for g, pos in blocks]))))
+    return pa.concat_tables(parts, promote_options='default')
 
 # %% ../nbs/30_data.ipynb
 @dataclass

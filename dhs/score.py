@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from .core import atomic_path, is_local, local_path, provenance
-from .data import Preprocess, StampDataset, prepare_batch, dihedral
+from .data import Preprocess, StampDataset, prepare_batch, dihedral, index_columns
 from .models import detect_arch
 from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs
 
 # %% auto 0
-__all__ = ['load_member', 'score_rows', 'passthrough_columns', 'score_table', 'write_scores', 'main']
+__all__ = ['load_member', 'score_rows', 'score_table', 'write_scores', 'main']
 
 # %% ../nbs/33_score.ipynb
 def load_member(path)->dict:
@@ -59,21 +59,6 @@ def score_rows(members:list, ds:StampDataset, device, precision:str='auto', tta:
     return dict(row=row[o], logits=lg[o])
 
 # %% ../nbs/33_score.ipynb
-def passthrough_columns(ds:StampDataset)->pa.Table:
-    "Every non-binary column of the indexed rows, in row order (row k of the result is the dataset's row k)."
-    idx, parts = ds.index, []
-    for fi, path in enumerate(idx.paths):
-        blocks = [(g, pos) for f, g, pos in idx.blocks if f == fi]
-        if not blocks: continue
-        pf = ds._open(fi)
-        cols = [f.name for f in pf.schema_arrow if not (pa.types.is_binary(f.type) or pa.types.is_fixed_size_binary(f.type)
-                                                         or pa.types.is_large_binary(f.type))]
-        starts = np.concatenate([[0], np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])])
-        t = pf.read(columns=cols)
-        parts.append(t.take(pa.array(np.concatenate([starts[g] + pos for g, pos in blocks]))))
-    return pa.concat_tables(parts, promote_options='default')
-
-# %% ../nbs/33_score.ipynb
 def score_table(stamps, checkpoints:list, out=None, tta:bool=False, splits:list|None=None, batch_size:int=256,
                 device:str='auto', precision:str='auto', num_workers:int=0, storage_options:dict|None=None)->pd.DataFrame:
     "Score a stamp table with one or more checkpoints; returns (and with `out`, writes as Parquet) the scores and metadata."
@@ -85,7 +70,7 @@ def score_table(stamps, checkpoints:list, out=None, tta:bool=False, splits:list|
     ds = StampDataset(stamps, batch_size, splits, meta_columns=meta_cols, rank=0, world_size=1, storage_options=storage_options)
     if ds.index.n_rows == 0: raise ValueError(f'{stamps}: no rows to score' + (f' in splits {splits}' if splits else ''))
     s = score_rows(members, ds, dev, precision, tta, num_workers)
-    meta = passthrough_columns(ds).to_pandas()
+    meta = index_columns(ds).to_pandas()
     scores = pd.DataFrame({'score': (1 / (1 + np.exp(-s['logits']))).mean(1), 'score_logit': s['logits'].mean(1)})
     if len(members) > 1:
         for i in range(len(members)): scores[f'score_{i}'] = 1 / (1 + np.exp(-s['logits'][:, i]))

@@ -8,20 +8,21 @@ import argparse, ast, csv, dataclasses, json, math, os, shutil, sys, time, warni
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 from .core import atomic_path, config_dict, config_from_dict, provenance, write_json
-from .data import Filters, Preprocess, Augment, StampDataset, prepare_batch
-from .models import LensFinder, meta_features, model_from_state
+from .data import Filters, Preprocess, Augment, StampDataset, prepare_batch, index_columns, meta_array
+from .models import LensFinder, meta_features, model_from_state, metadata_leakage
 
 # %% auto 0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
            'warmup_cosine', 'masked_loss', 'tpr_at_fpr', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
            'derived_seed', 'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint',
            'autocast_dtype', 'model_inputs', 'loader_kwargs', 'predict', 'gather_predictions', 'train_step',
-           'train_epoch', 'fit', 'config_from_args', 'main']
+           'train_epoch', 'leakage_report', 'fit', 'config_from_args', 'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -332,12 +333,27 @@ def _setup(cfg:TrainConfig, resume:bool):
     return device, rank, world, created, tr, va, model, opt, sched, state
 
 # %% ../nbs/32_train.ipynb
+def leakage_report(tr:StampDataset, cfg:TrainConfig, out:Path, log=print)->dict:
+    "Cross-validated AUC of the label from the fused metadata alone (training rows), written to metadata_leakage.json."
+    t = index_columns(tr)
+    df = pd.DataFrame(meta_array(t, cfg.meta_columns, str(cfg.stamps)), columns=cfg.meta_columns)
+    df['is_control'] = t['is_control'].to_numpy()
+    if 'host_id' in t.column_names: df['host_id'] = t['host_id'].to_numpy(zero_copy_only=False)
+    r = metadata_leakage(df, cfg.meta_columns, n_threads=torch.get_num_threads())
+    write_json(r, out/'metadata_leakage.json')
+    worst = max(r['auc_logistic'], r['auc_gbm'])
+    log(f"metadata alone predicts the label with AUC {worst:.3f} (logistic {r['auc_logistic']:.3f}, boosted trees {r['auc_gbm']:.3f})"
+        + ('; above 0.55: the fused metadata may carry the label, check the sample definition' if worst > 0.55 else ''))
+    return r
+
+# %% ../nbs/32_train.ipynb
 def fit(cfg:TrainConfig, resume:bool=False, stop_after:int|None=None, log=print)->dict:
     "Train; with `resume`, continue from out_dir/last.pt. `stop_after`: return after that many epochs in this call (as if interrupted)."
     device, rank, world, created, tr, va, model, opt, sched, state = _setup(cfg, resume)
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); write_json(provenance(public_config(cfg), world_size=world), out/'config.json')
     step_log = _step_logger(out, state['step']) if rank == 0 else None
+    if rank == 0 and cfg.meta_columns and not (out/'metadata_leakage.json').exists(): leakage_report(tr, cfg, out, log)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else model
     if cfg.compile: net = torch.compile(net)
     done_here = 0

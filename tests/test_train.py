@@ -76,6 +76,8 @@ def test_bf16_channels_last_and_metadata_fusion_on_cpu(stamps, tmp_path):
     ck = load_checkpoint(tmp_path / 'bf' / 'last.pt')
     m = model_from_checkpoint(ck)
     assert (m.arch, m.n_meta, ck['meta_columns'], ck['config']['precision']) == ('small_cnn', 3, cfg.meta_columns, 'bf16')
+    leak = json.loads((tmp_path / 'bf' / 'metadata_leakage.json').read_text())                   # reported beside the fused model
+    assert leak['columns'] == cfg.meta_columns and 0.3 < leak['auc_logistic'] < 0.7
 
 
 def test_torchrun_two_ranks_gloo(stamps, tmp_path):
