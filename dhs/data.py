@@ -19,9 +19,9 @@ from .psf import gaussian_kernel, convolve, FWHM_PER_SIGMA
 from .lensing import Lens, ray_shoot, sample_source_position
 
 # %% auto 0
-__all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'MAX_GOOD_ROW_GROUP', 'CONDITION_COLUMNS', 'depth5_to_psfdepth', 'gaussian_nea_pix',
-           'pixel_sigma', 'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet', 'StampIndex',
-           'build_index', 'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
+__all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'CONDITION_COLUMNS', 'depth5_to_psfdepth', 'gaussian_nea_pix', 'pixel_sigma',
+           'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',
+           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
            'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual',
            'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power',
            'draw_conditions', 'degrade', 'prepare_batch']
@@ -225,9 +225,9 @@ def _stamp_column(schema:pa.Schema, where:str)->str:
     if 'stamp_npz' in schema.names: return 'stamp_npz'
     raise ValueError(f'{where}: no `stamp` or `stamp_npz` column; is this a stamp table (dhs validate)?')
 
-MAX_GOOD_ROW_GROUP = 16384   # rows; a worker holds whole row groups (see the dataset below)
-
-def build_index(source, splits:list|None=None, filters:Filters|None=None, storage_options:dict|None=None)->StampIndex:
+def build_index(source, splits:list|None=None, filters:Filters|None=None, storage_options:dict|None=None,
+                warn_row_group:int=16384, # warn about row groups of more rows: a worker holds whole row groups (see below)
+               )->StampIndex:
     "Index the rows of `source` in `splits` (None: all) passing `filters`, reading only the filter columns."
     fs, paths = list_parquet(source, storage_options)
     filters, blocks, shape, schema, cols = filters or Filters(), [], None, None, []
@@ -240,7 +240,7 @@ def build_index(source, splits:list|None=None, filters:Filters|None=None, storag
             df = pf.read(columns=names).to_pandas()
             n_rg = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         _check_filter_columns(df, splits, filters, p)
-        if max(n_rg, default=0) > MAX_GOOD_ROW_GROUP:
+        if max(n_rg, default=0) > warn_row_group:
             warnings.warn(f'{p}: a row group of {max(n_rg)} rows; a DataLoader worker reading any of its rows reads and holds all of '
                           f'it ({max(n_rg) * 4 * 3 * 64 * 64 / 2**30:.1f} GiB for 64x64 stamps): rewrite it with row_group_size <= 4096')
         shape = shape or _shape_of(df)
