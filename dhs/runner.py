@@ -21,8 +21,10 @@ PHASES = {  # phase name -> run notebook in nbs/runs/
     'manifest': '03_manifest.ipynb',        # phase 4a: injection tasks, controls, splits (Spark)
     'cache': '04_cache.ipynb',              # phase 4b: coadd cache over HTTP/S3
     'inject': '05_inject.ipynb',            # phase 4c: stamps with injected lenses (Spark)
+    'train': '06_train.ipynb',              # phase 5: train, leakage check, score val and test
+    'evaluate': '07_evaluate.ipynb',        # TPR at fixed FPR, completeness surfaces, gates, calibration
 }
-PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject']
+PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject', 'train', 'evaluate']
 
 @dataclass
 class Preset:
@@ -41,13 +43,13 @@ PRESETS = {
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
                    {'size': 'mock', 'sky': 'mock', 'check_spark': True}),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
-                       {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda'}, needs_gpu=True),
+                       {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
     'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', PIPELINE,
                           {'size': 'region', 'sky': 'dr10', 'base_uri': DR10_BASE_URI, 'check_spark': True,
-                           'device': 'cuda'}, needs_gpu=True),
+                           'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
     'dr10-full': Preset('the full DR10 south footprint on a cluster (spark-submit / EMR) and a GPU', PIPELINE,
                         {'size': 'full', 'sky': 'dr10', 'base_uri': DR10_BASE_URI, 'check_spark': True,
-                         'device': 'cuda'}, needs_gpu=True),
+                         'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
 }
 
 # %% ../nbs/03_runner.ipynb

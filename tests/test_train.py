@@ -101,7 +101,7 @@ def test_torchrun_two_ranks_gloo(stamps, tmp_path):
 def test_run_notebook_trains_scores_and_plots(tmp_path):
     import papermill as pm
     from dhs.runner import ensure_kernel
-    nb = Path(__file__).resolve().parents[1] / 'nbs' / 'runs' / '05_train.ipynb'
+    nb = Path(__file__).resolve().parents[1] / 'nbs' / 'runs' / '06_train.ipynb'
     params = pm.inspect_notebook(str(nb))
     assert {'run_dir', 'stamps', 'arch', 'epochs', 'batch_size', 'device', 'preset'} <= set(params)
     run = tmp_path / 'run'
