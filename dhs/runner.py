@@ -41,7 +41,7 @@ PRESETS = {
     'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
                    {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}),
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
-                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}),
+                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}}),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
                        {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
     'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', PIPELINE,
