@@ -110,9 +110,13 @@ def atomic_path(dest:str|Path):
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-def write_json(obj, dest:str|Path):
-    "Write `obj` as indented JSON atomically."
-    with atomic_path(dest) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + '\n')
+def write_json(obj, dest:str|Path, storage_options:dict|None=None):
+    "Write `obj` as indented JSON: atomically to a local path, or to any fsspec URI (an S3 object appears whole)."
+    text = json.dumps(obj, indent=2, default=str) + '\n'
+    if not is_local(dest):
+        with fsspec.open(str(dest), 'w', **(storage_options or {})) as f: f.write(text)
+        return
+    with atomic_path(local_path(dest)) as tmp: Path(tmp).write_text(text)
 
 # %% ../nbs/00_core.ipynb
 def repo_root()->Path:

@@ -308,10 +308,7 @@ def _write_summary(spark, cfg, splits, region_hosts, edges, n_parent, seconds)->
     summary = provenance(cfg, phase='manifest', n_parent=n_parent, n_hosts=n_hosts, n_tasks=int(counts['count'].sum()),
                          grid_size=len(grid_configs(cfg.draw.grid)) if cfg.draw.grid in GRIDS else None,
                          by_split=by_split, counts=counts.to_dict('records'), bin_edges=edges, seconds=round(seconds, 1))
-    if is_local(cfg.out_uri): write_json(summary, local_path(cfg.out_uri)/'manifest_summary.json')
-    else:
-        import fsspec
-        with fsspec.open(uri_join(cfg.out_uri, 'manifest_summary.json'), 'w') as f: json.dump(summary, f, indent=2, default=str)
+    write_json(summary, uri_join(cfg.out_uri, 'manifest_summary.json'))
     return summary
 
 def _write_parquet_local_or_remote(df:pd.DataFrame, uri:str, cfg):

@@ -262,10 +262,7 @@ def _summarise(cfg, files, records, n_hosts, lens_prov, hosts, seconds)->dict:
                          counts_after_cut=total, n_hosts=int(n_hosts), n_near_known_lens=int(n_flag),
                          executor_dhs_paths=sorted({r.get('executor_dhs', '') for r in records}),
                          seconds=round(seconds, 1), **lens_prov)
-    if is_local(cfg.out_uri): write_json(summary, local_path(cfg.out_uri)/'parent_summary.json')
-    else:
-        import fsspec
-        with fsspec.open(uri_join(cfg.out_uri, 'parent_summary.json'), 'w', **cfg.storage_options) as f: json.dump(summary, f, indent=2, default=str)
+    write_json(summary, uri_join(cfg.out_uri, 'parent_summary.json'), cfg.storage_options)
     return summary
 
 # %% ../nbs/20_parent.ipynb
