@@ -18,15 +18,17 @@ from .metrics import fit_thresholds, clopper_pearson, labels_from_meta, DEFAULT_
 from .survey import BrickImages, SurveyFileError
 
 # %% auto 0
-__all__ = ['NEUTRAL_HOST', 'CANDIDATE_COLUMNS', 'SearchConfig', 'host_splits', 'search_tasks', 'make_stamps', 'score_tasks',
-           'rank_by_score', 'truth_classes', 'operating_thresholds', 'fpr_column', 'footprint_lenses',
-           'known_lens_tasks', 'recovery_by_grade', 'gallery', 'search_hosts', 'search_known', 'run_search', 'main']
+__all__ = ['NEUTRAL_HOST', 'CANDIDATE_COLUMNS', 'SearchConfig', 'uncached_bricks', 'ensure_cached', 'host_splits', 'search_tasks',
+           'make_stamps', 'score_tasks', 'rank_by_score', 'truth_classes', 'operating_thresholds', 'fpr_column',
+           'footprint_lenses', 'known_lens_tasks', 'recovery_by_grade', 'gallery', 'search_hosts', 'search_known',
+           'run_search', 'main']
 
 # %% ../nbs/43_search.ipynb
 @dataclass
 class SearchConfig:
     parent_uri:str = 'outputs/parent/hosts'   # phase 3 hosts (Parquet)
     cache_uri:str = 'outputs/cache'           # coadd cache (DR10 layout), local
+    base_uri:str = ''                         # survey root to fetch bricks missing from the cache ('' : none may be missing)
     out_uri:str = 'outputs/search'            # output folder (local)
     checkpoints:list = field(default_factory=list)  # finder checkpoint(s); several: ensemble mean
     bricks:list = field(default_factory=list) # bricks to search (empty: every brick of the parent sample)
@@ -45,6 +47,23 @@ class SearchConfig:
     tta:bool = False                          # score with the 8 flips/rotations averaged
     batch_size:int = 256                      # scoring batch
     device:str = 'auto'                       # auto | cpu | cuda
+
+# %% ../nbs/43_search.ipynb
+def uncached_bricks(cache_uri:str, bricks)->list:
+    "Bricks of `bricks` with a coadd file missing under the local cache root."
+    from dhs.survey import brick_coadd_relpaths
+    return sorted(b for b in set(bricks) if not all((Path(cache_uri)/p).is_file() for p in brick_coadd_relpaths(b)))
+
+def ensure_cached(cfg:SearchConfig, bricks)->list:
+    "Fetch the bricks missing from the cache from `cfg.base_uri` (phase 4b); the list fetched."
+    missing = uncached_bricks(cfg.cache_uri, bricks)
+    if missing and not cfg.base_uri:
+        raise ValueError(f'{cfg.cache_uri}: {len(missing)} searched brick(s) are not cached, e.g. {missing[:3]}; '
+                         'cache them (dhs cache) or give base_uri (the survey root) to fetch them')
+    if missing:
+        from dhs.cache import CacheConfig, cache_bricks
+        cache_bricks(missing, CacheConfig(base_uri=cfg.base_uri, cache_uri=cfg.cache_uri, n_threads=4), write_report=False)
+    return missing
 
 # %% ../nbs/43_search.ipynb
 def host_splits(hosts:pd.DataFrame, splits_uri:str='', nside:int=64)->pd.DataFrame:
@@ -268,6 +287,7 @@ def run_search(cfg:SearchConfig, spark=None, log=print)->dict:
     if not cfg.checkpoints: raise ValueError('no checkpoint to score with: set checkpoints (a dhs train best.pt)')
     t0, out = time.time(), local_path(cfg.out_uri); out.mkdir(parents=True, exist_ok=True)
     hosts, th = _hosts_of(cfg), operating_thresholds(cfg)
+    fetched = ensure_cached(cfg, hosts.brickname.unique())
     th.to_csv(out/'thresholds.csv', index=False)
     cand = search_hosts(cfg, hosts, th, spark)
     info = dict(config=cfg, phase='search')
@@ -283,7 +303,7 @@ def run_search(cfg:SearchConfig, spark=None, log=print)->dict:
     summary = provenance(cfg, phase='search', n_hosts=len(hosts), n_bricks=int(hosts.brickname.nunique()), n_scored=int(cand.score.notna().sum()),
                          n_failed=int((cand.cutout_ok != 1).sum()), thresholds=th.to_dict('records'),
                          n_pass={c: int(cand[c].sum()) for c in cand if c.startswith('pass_fpr_')}, n_known=len(known),
-                         recovery=rec.to_dict('records'), seconds=round(time.time() - t0, 1))
+                         recovery=rec.to_dict('records'), bricks_fetched=fetched, seconds=round(time.time() - t0, 1))
     write_json(summary, out/'search_summary.json')
     log(f"searched {len(hosts)} hosts in {summary['n_bricks']} bricks, {len(known)} known lenses, {summary['seconds']} s -> {out}")
     return summary
@@ -294,6 +314,7 @@ def main(argv:list|None=None)->int:
     ap = argparse.ArgumentParser(prog='dhs search', description=main.__doc__)
     ap.add_argument('--parent', required=True, help='phase 3 hosts Parquet (<parent out>/hosts)')
     ap.add_argument('--cache', required=True, help='coadd cache root (DR10 layout)')
+    ap.add_argument('--base-uri', default='', help='survey root to fetch uncached bricks from (phase 4b)')
     ap.add_argument('--checkpoint', action='append', required=True, help='finder checkpoint (repeat for an ensemble)')
     ap.add_argument('--out', required=True, help='output folder')
     ap.add_argument('--brick', action='append', default=[], help='brick to search (repeatable; default: all of the parent)')
@@ -308,7 +329,7 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--device', default='auto'); ap.add_argument('--tta', action='store_true')
     a = ap.parse_args(argv)
     th = {float(k): float(v) for k, v in (t.split(':') for t in a.threshold)}
-    cfg = SearchConfig(parent_uri=a.parent, cache_uri=a.cache, out_uri=a.out, checkpoints=a.checkpoint, bricks=a.brick,
+    cfg = SearchConfig(parent_uri=a.parent, cache_uri=a.cache, base_uri=a.base_uri, out_uri=a.out, checkpoints=a.checkpoint, bricks=a.brick,
                        val_scores_uri=a.val_scores, thresholds=th, target_fprs=tuple(a.target_fpr or (1e-2, 1e-3)), truth_uri=a.truth,
                        splits_uri=a.splits, known_lenses=not a.no_known_lenses, engine=a.engine, top_n=a.top, device=a.device, tta=a.tta)
     s = run_search(cfg)
