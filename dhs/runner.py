@@ -23,8 +23,10 @@ PHASES = {  # phase name -> run notebook in nbs/runs/
     'inject': '05_inject.ipynb',            # phase 4c: stamps with injected lenses (Spark)
     'train': '06_train.ipynb',              # phase 5: train, leakage check, score val and test
     'evaluate': '07_evaluate.ipynb',        # TPR at fixed FPR, completeness surfaces, gates, calibration
+    'hardneg': '08_hardneg.ipynb',          # mine hard negatives, one retraining round, FPR before/after
+    'search': '09_search.ipynb',            # score every parent LRG, rank candidates, known-lens recovery
 }
-PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject', 'train', 'evaluate']
+PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject', 'train', 'evaluate', 'hardneg', 'search']
 
 @dataclass
 class Preset:
