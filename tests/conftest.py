@@ -21,3 +21,14 @@ def tiny_sky(tmp_path_factory):
     out = tmp_path_factory.mktemp('tiny-sky')/'sky'
     rec = generate_mock_sky(mock_sky_config('tiny', out=str(out)), log=lambda *a: None)
     return out, rec
+
+
+@pytest.fixture(scope='session')
+def tiny_hosts(tiny_sky):
+    "Phase 3 hosts of the tiny sky, selected file by file without Spark (process_sweep)."
+    import pandas as pd
+    from dhs.parent import known_lenses, process_sweep
+    sky, _ = tiny_sky
+    lenses = known_lenses()[0]
+    parts = [process_sweep(str(p), 'desi_lrg', lenses, 5.0)[0] for p in sorted((sky/'south'/'sweep'/'10.1').glob('sweep-*.fits'))]
+    return pd.concat([p for p in parts if p is not None], ignore_index=True)

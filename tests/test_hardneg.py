@@ -5,15 +5,10 @@ import pytest
 
 
 @pytest.fixture(scope='module')
-def manifest(tiny_sky, spark, tmp_path_factory):
+def manifest(tiny_hosts, spark, tmp_path_factory):
     "Parent hosts of the tiny sky (no Spark) and their phase 4a manifest."
-    from dhs.parent import known_lenses, process_sweep
     from dhs.manifest import ManifestConfig, run_manifest
-    sky, _ = tiny_sky
-    d = tmp_path_factory.mktemp('hardneg')
-    lenses = known_lenses()[0]
-    parts = [process_sweep(str(p), 'desi_lrg', lenses, 5.0)[0] for p in sorted((sky/'south'/'sweep'/'10.1').glob('sweep-*.fits'))]
-    hosts = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    d, hosts = tmp_path_factory.mktemp('hardneg'), tiny_hosts
     (d/'hosts').mkdir(); hosts.to_parquet(d/'hosts'/'part-0.parquet')
     run_manifest(ManifestConfig(parent_uri=str(d/'hosts'), out_uri=str(d/'m0'), partitions=2), spark)
     return d, hosts, pd.read_parquet(d/'m0'/'tasks')

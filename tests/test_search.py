@@ -6,16 +6,11 @@ import torch
 
 
 @pytest.fixture(scope='module')
-def tiny_parent(tiny_sky, tmp_path_factory):
+def tiny_parent(tiny_hosts, tmp_path_factory):
     "Phase 3 hosts of the tiny sky (process_sweep per file, no Spark) and an untrained small CNN checkpoint."
-    from dhs.parent import known_lenses, process_sweep
     from dhs.models import LensFinder
     from dhs.train import save_checkpoint, cpu_demo_config
-    sky, _ = tiny_sky
-    d = tmp_path_factory.mktemp('search')
-    lenses = known_lenses()[0]
-    parts = [process_sweep(str(p), 'desi_lrg', lenses, 5.0)[0] for p in sorted((sky/'south'/'sweep'/'10.1').glob('sweep-*.fits'))]
-    hosts = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    d, hosts = tmp_path_factory.mktemp('search'), tiny_hosts
     hosts.to_parquet(d/'hosts.parquet')
     torch.manual_seed(0)
     save_checkpoint(d/'cnn.pt', LensFinder('small_cnn'), cpu_demo_config(), dict(epoch=0))
