@@ -60,9 +60,10 @@ def _brick(base, brick):
     return _planes(base, brick, 'image'), _planes(base, brick, 'invvar'), _planes(base, brick, 'psfsize'), mb, WCS(hdr)
 
 
-def test_generation_time_and_counts(sky):
+def test_generation_counts(sky):
+    "Counts per class of the test sky (its generation time is printed, never asserted: speed lives in benchmarks)."
     cfg, base, rec, truth, sweep = sky
-    assert rec['test_seconds'] < 90, f"test sky took {rec['test_seconds']:.0f} s"
+    print(f"test sky generated in {rec['test_seconds']:.0f} s")
     c = rec['counts']
     assert c['lrg_hosts'] >= 60 and c['true_lenses'] == 3
     assert {'lrg', 'disk', 'spiral', 'edgeon', 'sersic', 'compact', 'star'} <= set(c['per_class'])
