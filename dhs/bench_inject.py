@@ -12,7 +12,7 @@ from .psf import gaussian_kernel
 from .render import render_lensed, render_lensed_batch
 
 # %% auto 0
-__all__ = ['bench_configs', 'lenstronomy_renderer', 'run_bench', 'format_bench', 'main']
+__all__ = ['bench_configs', 'lenstronomy_kwargs', 'lenstronomy_renderer', 'run_bench', 'format_bench', 'main']
 
 # %% ../nbs/15_bench_inject.ipynb
 def bench_configs(n:int, seed:int=0)->list:
@@ -29,6 +29,20 @@ def bench_configs(n:int, seed:int=0)->list:
 # %% ../nbs/15_bench_inject.ipynb
 _clock = time.process_time  # CPU seconds of this process: the cost on one core, whatever else runs
 
+def lenstronomy_kwargs(lens, src, flux:float, dx:float, dy:float, pixscale:float=0.262)->tuple[list, list]:
+    "lenstronomy SIE+SHEAR and SERSIC_ELLIPSE kwargs of our lens and Sérsic source, shifted by the host offset (dx, dy) [pix]."
+    from lenstronomy.Util.param_util import phi_q2_ellipticity
+    ox, oy = dx*pixscale, dy*pixscale  # the host's offset moves every centre on lenstronomy's fixed grid
+    e1, e2 = phi_q2_ellipticity(lens.phi, lens.q)
+    s1, s2 = phi_q2_ellipticity(src.phi, src.q)
+    b_lt, b_ex = 1.9992*src.n - 0.3271, sersic_bn(src.n)   # lenstronomy's approximate b_n vs the exact one
+    kl = [dict(theta_E=lens.theta_e, e1=e1, e2=e2, center_x=lens.x0 + ox, center_y=lens.y0 + oy),
+          dict(gamma1=lens.gamma1, gamma2=lens.gamma2, ra_0=lens.x0 + ox, dec_0=lens.y0 + oy)]
+    ks = [dict(amp=flux/sersic_total_flux(1., src.r_eff, src.n)*np.exp(b_ex - b_lt),
+               R_sersic=src.r_eff*(b_lt/b_ex)**src.n, n_sersic=src.n, e1=s1, e2=s2,
+               center_x=src.x0 + ox, center_y=src.y0 + oy)]
+    return kl, ks
+
 def lenstronomy_renderer(supersampling:int, n:int=64, pixscale:float=0.262):
     "A function (lens, source, flux, kernel, dx, dy) -> (stamp, psf_update_s, image_s) around one lenstronomy ImageModel."
     from lenstronomy.Data.pixel_grid import PixelGrid
@@ -36,7 +50,6 @@ def lenstronomy_renderer(supersampling:int, n:int=64, pixscale:float=0.262):
     from lenstronomy.LensModel.lens_model import LensModel
     from lenstronomy.LightModel.light_model import LightModel
     from lenstronomy.ImSim.image_model import ImageModel
-    from lenstronomy.Util.param_util import phi_q2_ellipticity
     grid = PixelGrid(nx=n, ny=n, transform_pix2angle=np.diag([pixscale, pixscale]),
                      ra_at_xy_0=-(n//2)*pixscale, dec_at_xy_0=-(n//2)*pixscale)
     model = ImageModel(grid, PSF(psf_type='NONE'), LensModel(['SIE', 'SHEAR']), LightModel(['SERSIC_ELLIPSE']),
@@ -45,15 +58,7 @@ def lenstronomy_renderer(supersampling:int, n:int=64, pixscale:float=0.262):
         t0 = _clock()
         model.update_psf(PSF(psf_type='PIXEL', kernel_point_source=kernel))
         t1 = _clock()
-        ox, oy = dx*pixscale, dy*pixscale  # the host's offset moves every centre on lenstronomy's fixed grid
-        e1, e2 = phi_q2_ellipticity(lens.phi, lens.q)
-        s1, s2 = phi_q2_ellipticity(src.phi, src.q)
-        b_lt, b_ex = 1.9992*src.n - 0.3271, sersic_bn(src.n)
-        kl = [dict(theta_E=lens.theta_e, e1=e1, e2=e2, center_x=lens.x0 + ox, center_y=lens.y0 + oy),
-              dict(gamma1=lens.gamma1, gamma2=lens.gamma2, ra_0=lens.x0 + ox, dec_0=lens.y0 + oy)]
-        ks = [dict(amp=flux/sersic_total_flux(1., src.r_eff, src.n)*np.exp(b_ex - b_lt),
-                   R_sersic=src.r_eff*(b_lt/b_ex)**src.n, n_sersic=src.n, e1=s1, e2=s2,
-                   center_x=src.x0 + ox, center_y=src.y0 + oy)]
+        kl, ks = lenstronomy_kwargs(lens, src, flux, dx, dy, pixscale)
         img = model.image(kl, ks)
         return img, t1 - t0, _clock() - t1
     return render

@@ -12,7 +12,7 @@ Conventions matched here (and in `dhs.bench_inject`):
 import numpy as np
 import pytest
 from dhs.lensing import Lens, sample_source_position
-from dhs.sources import SersicSource, sersic_bn, sersic_total_flux
+from dhs.sources import SersicSource
 from dhs.psf import gaussian_kernel
 from dhs.render import render_lensed
 
@@ -32,18 +32,9 @@ def lenstronomy_model(supersampling, psf):
 
 
 def lenstronomy_kwargs(lens, src, flux, dx, dy):
-    "lenstronomy kwargs for our lens and source; the host offset (dx, dy) shifts everything by (dx, dy) pixels."
-    from lenstronomy.Util.param_util import phi_q2_ellipticity
-    ox, oy = dx*P, dy*P  # our x = lenstronomy's x - ox on a grid whose pixel (0, 0) is at -N//2 P
-    e1, e2 = phi_q2_ellipticity(lens.phi, lens.q)
-    s1, s2 = phi_q2_ellipticity(src.phi, src.q)
-    b_lt, b_ex = 1.9992*src.n - 0.3271, sersic_bn(src.n)
-    kl = [dict(theta_E=lens.theta_e, e1=e1, e2=e2, center_x=lens.x0 + ox, center_y=lens.y0 + oy),
-          dict(gamma1=lens.gamma1, gamma2=lens.gamma2, ra_0=lens.x0 + ox, dec_0=lens.y0 + oy)]
-    ks = [dict(amp=flux/sersic_total_flux(1., src.r_eff, src.n)*np.exp(b_ex - b_lt),
-               R_sersic=src.r_eff*(b_lt/b_ex)**src.n, n_sersic=src.n, e1=s1, e2=s2,
-               center_x=src.x0 + ox, center_y=src.y0 + oy)]
-    return kl, ks
+    "lenstronomy kwargs for our lens and source, shifted by the host offset (dx, dy) pixels (the bench's conversion)."
+    from dhs.bench_inject import lenstronomy_kwargs as convert
+    return convert(lens, src, flux, dx, dy, P)
 
 
 def random_configs(n, seed):
