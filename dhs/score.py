@@ -18,7 +18,7 @@ from .models import detect_arch
 from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs
 
 # %% auto 0
-__all__ = ['load_member', 'score_rows', 'score_table', 'write_scores', 'main']
+__all__ = ['load_member', 'score_rows', 'score_table', 'write_scores', 'image_scorer', 'main']
 
 # %% ../nbs/33_score.ipynb
 def load_member(path)->dict:
@@ -87,6 +87,28 @@ def write_scores(df:pd.DataFrame, dest, info:dict):
     if is_local(dest):
         with atomic_path(local_path(dest)) as tmp: pq.write_table(t, tmp, compression='zstd')
     else: pq.write_table(t, str(dest), compression='zstd')
+
+# %% ../nbs/33_score.ipynb
+def image_scorer(checkpoint, # a checkpoint path, a comma-separated list of them, or a list (ensemble mean)
+                 device:str='auto', batch_size:int=256, tta:bool=False, precision:str='auto'):
+    "score_fn(images (n, 3, N, N) nmgy) -> ensemble-mean probabilities, for the score gates."
+    paths = [c for c in (checkpoint.split(',') if isinstance(checkpoint, str) else [checkpoint] if isinstance(checkpoint, Path) else checkpoint) if str(c)]
+    if not paths: raise ValueError('image_scorer: no checkpoint given')
+    dev = resolve_device(device)
+    members = [load_member(c) for c in paths]
+    fused = [m['path'] for m in members if m['meta_columns']]
+    if fused: raise ValueError(f'{fused}: these models fuse metadata {members[0]["meta_columns"]} and cannot score bare images; '
+                               'run the score gates with a pixels-only model')
+    for m in members: m['model'].to(dev)
+    def score_fn(images)->np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.as_tensor(np.ascontiguousarray(images[i:i + batch_size]), dtype=torch.float32)
+            b = dict(image=x, meta=torch.zeros(len(x), 0), valid=torch.ones(len(x), dtype=torch.bool))
+            lg = torch.stack([_member_logits(m, b, [], dev, precision, tta) for m in members], 1).cpu().double().numpy()
+            out.append((1 / (1 + np.exp(-lg))).mean(1))
+        return np.concatenate(out) if out else np.zeros(0)
+    return score_fn
 
 # %% ../nbs/33_score.ipynb
 def main(argv:list|None=None)->int:

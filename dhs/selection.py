@@ -17,9 +17,9 @@ from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r, theta_over_psf
 
 # %% auto 0
 __all__ = ['AXES', 'COMPLETENESS_AXES', 'FPR_AXES', 'SURFACES', 'Axis', 'depth5_r', 'axis_values', 'bin_index', 'binned_rate',
-           'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface', 'load_surface', 'surface_grid',
-           'apply_surface', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table', 'rate_table_latex',
-           'tpr_table_latex', 'write_tables']
+           'with_truth_class', 'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface', 'load_surface',
+           'surface_grid', 'apply_surface', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table',
+           'rate_table_latex', 'tpr_table_latex', 'write_tables']
 
 # %% ../nbs/41_selection.ipynb
 @dataclass(frozen=True)
@@ -86,6 +86,16 @@ def binned_rate(values, hits, edges=None, cl:float=DEFAULT_CL)->pd.DataFrame:
     out['rate_lo'], out['rate_hi'] = clopper_pearson(out.k, out.n, cl)
     out.attrs['n_outside'] = n_out
     return out
+
+# %% ../nbs/41_selection.ipynb
+def with_truth_class(df:pd.DataFrame, truth:pd.DataFrame)->pd.DataFrame:
+    "`df` with `truth_class` and `truth_is_lens` of each row's host from a mock sky truth table."
+    from dhs.search import truth_classes
+    if not {'host_id', 'brickname'} <= set(df): raise KeyError('need host_id and brickname to find each row in the truth table')
+    objid = pd.to_numeric(df['host_id'].astype(str).str.rsplit('_', n=1).str[-1], errors='coerce')
+    if objid.isna().any(): raise ValueError(f'host_id {df.host_id[objid.isna()].iloc[0]!r}: expected RELEASE_BRICKID_OBJID')
+    hosts = pd.DataFrame(dict(brickname=df['brickname'].to_numpy(), objid=objid.astype(int).to_numpy()), index=df.index)
+    return df.drop(columns=['truth_class', 'truth_is_lens'], errors='ignore').join(truth_classes(hosts, truth))
 
 # %% ../nbs/41_selection.ipynb
 def rate_by(df:pd.DataFrame, threshold:float, axis:str, quantity:str='completeness', edges=None,
