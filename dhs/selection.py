@@ -94,8 +94,9 @@ def with_truth_class(df:pd.DataFrame, truth:pd.DataFrame)->pd.DataFrame:
     if not {'host_id', 'brickname'} <= set(df): raise KeyError('need host_id and brickname to find each row in the truth table')
     objid = pd.to_numeric(df['host_id'].astype(str).str.rsplit('_', n=1).str[-1], errors='coerce')
     if objid.isna().any(): raise ValueError(f'host_id {df.host_id[objid.isna()].iloc[0]!r}: expected RELEASE_BRICKID_OBJID')
-    hosts = pd.DataFrame(dict(brickname=df['brickname'].to_numpy(), objid=objid.astype(int).to_numpy()), index=df.index)
-    return df.drop(columns=['truth_class', 'truth_is_lens'], errors='ignore').join(truth_classes(hosts, truth))
+    hosts = pd.DataFrame(dict(brickname=df['brickname'].to_numpy(), objid=objid.astype(int).to_numpy()))
+    t = truth_classes(hosts, truth)                       # positional: the index of `df` need not be unique
+    return df.assign(truth_class=t['truth_class'].to_numpy(), truth_is_lens=t['truth_is_lens'].to_numpy())
 
 # %% ../nbs/41_selection.ipynb
 def rate_by(df:pd.DataFrame, threshold:float, axis:str, quantity:str='completeness', edges=None,
