@@ -54,6 +54,7 @@ class TrainConfig:
     patience:int = 3                 # epochs without improvement before stopping
     seed:int = 0                     # all randomness derives from it (init, order, augmentations)
     deterministic:bool = False       # torch deterministic algorithms (slower on CUDA)
+    init_weights:str = ''            # start from this checkpoint's weights (fresh optimizer and schedule): fine-tuning
     device:str = 'auto'              # 'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: LOCAL_RANK's GPU)
     num_workers:int = 8              # DataLoader worker processes per rank
     shuffle_rows:int = 8192          # rows shuffled together in each worker
@@ -328,6 +329,12 @@ def _setup(cfg:TrainConfig, resume:bool):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, max(1, int(cfg.warmup_frac * total)), cfg.min_lr_frac))
     state = dict(epoch=0, step=0, history=[], best=None, best_epoch=-1, bad_epochs=0, stopped_early=False)
     last = Path(cfg.out_dir)/'last.pt'
+    if cfg.init_weights and not (resume and last.exists()):
+        init = load_checkpoint(cfg.init_weights, map_location=device)
+        if model_from_checkpoint(init).arch != cfg.arch or int(init.get('n_meta', 0)) != len(cfg.meta_columns):
+            raise ValueError(f'init_weights {cfg.init_weights}: a {init.get("arch")} with {init.get("n_meta", 0)} metadata inputs; '
+                             f'this run trains a {cfg.arch} with {len(cfg.meta_columns)}: set arch and meta_columns to match')
+        model.load_state_dict(init['model'])
     if resume and last.exists():
         ck = load_checkpoint(last, map_location=device)
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
