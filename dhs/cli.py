@@ -23,6 +23,7 @@ COMMANDS = {  # name -> (module with main(argv), one-line help)
     'gates': ('dhs.gates', 'shortcut gates of a scored stamp table'),
     'hard-negatives': ('dhs.hardneg', 'mine high-scoring negatives for retraining'),
     'search': ('dhs.search', 'score every parent LRG of given bricks and rank candidates'),
+    'completeness': ('dhs.selection', 'expected completeness of a lens population from a saved completeness surface'),
 }
 BENCHES = {  # dhs bench <name> -> (module with main(argv), help)
     'inject': ('dhs.bench_inject', 'lensed-source rendering rate: dhs vs lenstronomy'),

@@ -18,7 +18,7 @@ from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r, theta_over_psf
 # %% auto 0
 __all__ = ['AXES', 'COMPLETENESS_AXES', 'FPR_AXES', 'SURFACES', 'Axis', 'depth5_r', 'axis_values', 'bin_index', 'binned_rate',
            'with_truth_class', 'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface', 'load_surface',
-           'surface_grid', 'apply_surface', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table',
+           'surface_grid', 'apply_surface', 'main', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table',
            'rate_table_latex', 'tpr_table_latex', 'write_tables']
 
 # %% ../nbs/41_selection.ipynb
@@ -221,6 +221,30 @@ def apply_surface(surface:pd.DataFrame, population:pd.DataFrame, method:str='nea
                    expected_detected=float(out.completeness[cov].sum()), method=method, outside=outside, min_n=min_n,
                    surface_population=a.get('population', ''), threshold=a.get('threshold'), target_fpr=a.get('target_fpr'))
     return out, summary
+
+# %% ../nbs/41_selection.ipynb
+def main(argv:list|None=None)->int:
+    "`dhs completeness SURFACE LENSES --out FILE`: expected completeness of each lens of a population."
+    import argparse
+    ap = argparse.ArgumentParser(prog='dhs completeness', description=main.__doc__)
+    ap.add_argument('surface', help='a saved completeness surface (evaluation/surfaces/NAME.parquet)')
+    ap.add_argument('lenses', help="CSV or Parquet table of lenses with the surface's columns")
+    ap.add_argument('--out', required=True, help='output table (.csv or .parquet): the lenses plus completeness, lo, hi')
+    ap.add_argument('--method', default='nearest', choices=['nearest', 'linear'], help='cell value or bilinear between cell centres')
+    ap.add_argument('--outside', default='nan', choices=['nan', 'clip'], help='objects outside the surface: NaN or the nearest edge cell')
+    ap.add_argument('--min-n', type=int, default=1, help='cells with fewer injections count as empty')
+    a = ap.parse_args(argv)
+    read = pd.read_parquet if str(a.lenses).endswith('.parquet') else pd.read_csv
+    lenses = read(a.lenses)
+    try: c, summary = apply_surface(load_surface(a.surface), lenses, a.method, a.outside, a.min_n)
+    except KeyError as e: raise ValueError(f'{a.lenses}: {e.args[0]}') from None
+    out = pd.concat([lenses, c.add_prefix('completeness_').rename(columns={'completeness_completeness': 'completeness'})], axis=1)
+    dest = Path(a.out); dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        if dest.suffix == '.parquet': out.to_parquet(tmp, index=False)
+        else: out.to_csv(tmp, index=False)
+    print(json.dumps(dict(out=str(dest), **summary), default=float))
+    return 0
 
 # %% ../nbs/41_selection.ipynb
 def latex_escape(text)->str:
