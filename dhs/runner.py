@@ -320,8 +320,8 @@ def comparison_latex(table:pd.DataFrame, fprs=HEADLINE_FPRS, caption:str='', lab
             *[rf'$N_\mathrm{{FP}}/N_\mathrm{{neg}}$ at {latex_sci(f)}' for f in fprs], 'Gates']
     rows = []
     for name, r in table.iterrows():
-        tpr = [fmt_interval(r[f'tpr@{f:g}'], r[f'tpr_lo@{f:g}'], r[f'tpr_hi@{f:g}'], 3) + ('' if r[f'measurable@{f:g}'] else r'$^\dagger$')
-               for f in fprs]
+        dagger = lambda f: '' if r[f'measurable@{f:g}'] else r'\,$^\dagger$'   # never `$$`: TeX reads it as display math
+        tpr = [fmt_interval(r[f'tpr@{f:g}'], r[f'tpr_lo@{f:g}'], r[f'tpr_hi@{f:g}'], 3) + dagger(f) for f in fprs]
         counts = [f"{int(r[f'n_fp@{f:g}'])}/{int(r[f'n_neg@{f:g}'])}" for f in fprs]
         num = lambda x: f'{x:.3f}' if x is not None and x == x else '--'
         rows.append([latex_escape(name), latex_escape(r['factor']) if r['factor'] else '--', num(r['auroc']), num(r['pauc_1e_2']), *tpr, *counts,
