@@ -10,8 +10,11 @@ from pathlib import Path
 from .core import provenance, write_json, runs_dir
 
 # %% auto 0
-__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'Preset', 'parse_value', 'parse_sets', 'notebook_parameters',
-           'resolve', 'ensure_kernel', 'run_preset', 'main']
+__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset', 'parse_value',
+           'parse_sets', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'top_level_names', 'Matrix',
+           'ablation_variants', 'substitute_baseline', 'effective_params', 'first_difference', 'link_shared',
+           'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix',
+           'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
@@ -133,27 +136,30 @@ def run_preset(preset:str='mock', outputs:str|Path='outputs', run_id:str|None=No
     run_id = run_id or f"{preset}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = (Path(outputs)/run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = _load_record(run_dir) if resume else {}
-    done = {p['phase'] for p in record.get('phases', []) if p['status'] == 'ok'}
-    record = provenance(preset=preset, run_id=run_id, run_dir=str(run_dir), argv=sys.argv,
-                        phases=[p for p in record.get('phases', []) if p['phase'] in done])
+    old = _load_record(run_dir).get('phases', []) if resume else []
+    done = {p['phase']: p for p in old if p['status'] == 'ok'}
+    earlier = {p['phase']: p.get('outputs', []) for p in old if p['status'] != 'ok'}   # names a failed attempt created
+    record = provenance(preset=preset, run_id=run_id, run_dir=str(run_dir), argv=sys.argv, phases=list(done.values()))
     kernel = ensure_kernel()
-    for i, step in enumerate(plan):
-        if step['phase'] in done: log(f'[dhs run] {step["phase"]}: done in an earlier attempt, skipped'); continue
-        _run_phase(pm, step, run_dir, kernel, record, log)
+    for step in plan:
+        if step['phase'] in done:
+            log(f'[dhs run] {step["phase"]}: ' + ('shared with the baseline' if done[step['phase']].get('shared') else 'done in an earlier attempt')
+                + ', skipped'); continue
+        _run_phase(pm, step, run_dir, kernel, record, log, earlier.get(step['phase'], []))
     record['finished_utc'] = _now()
     write_json(record, run_dir/'run.json')
     return run_dir
 
 # %% ../nbs/03_runner.ipynb
-def _run_phase(pm, step, run_dir, kernel, record, log):
-    "Execute one phase, record its timing and status in run.json; re-raise on failure."
+def _run_phase(pm, step, run_dir, kernel, record, log, earlier:list=()):
+    "Execute one phase, record its timing, status and new top-level outputs in run.json; re-raise on failure."
     params = dict(step['params'], run_dir=str(run_dir))
     out_nb = run_dir/Path(step['notebook']).name
     entry = dict(phase=step['phase'], notebook=step['notebook'], executed=str(out_nb), params=params,
                  started_utc=_now(), status='running')
     record['phases'].append(entry)
     write_json(record, run_dir/'run.json')
+    before = top_level_names(run_dir)
     log(f'[dhs run] {step["phase"]}: {Path(step["notebook"]).name} -> {out_nb}')
     t0 = time.time()
     try:
@@ -166,8 +172,13 @@ def _run_phase(pm, step, run_dir, kernel, record, log):
                            f'Fix it and rerun with --resume --run-id {run_dir.name}') from e
     finally:
         entry['seconds'] = round(time.time() - t0, 2)
+        entry['outputs'] = sorted((top_level_names(run_dir) - before) | {n for n in earlier if (run_dir/n).exists()})
         write_json(record, run_dir/'run.json')
     log(f'[dhs run] {step["phase"]}: ok in {entry["seconds"]:.1f} s')
+
+def top_level_names(run_dir:Path)->set:
+    "Names in a run folder, less run.json (the runner's own record)."
+    return {p.name for p in Path(run_dir).iterdir()} - {'run.json'}
 
 def _load_record(run_dir:Path)->dict:
     p = run_dir/'run.json'
@@ -180,26 +191,271 @@ def _cuda_available()->bool:
     except ImportError: return False
 
 # %% ../nbs/03_runner.ipynb
+@dataclass
+class Matrix:
+    description:str                                   # one line for `dhs run --list`
+    preset:str                                        # the baseline preset (a PRESETS name)
+    phases:list                                       # phases every variant runs through (the baseline's evaluation included)
+    variants:dict                                     # variant name -> `--set` strings changing one factor
+    baseline_phases:list = field(default_factory=list)  # phases the baseline runs (empty: `phases`); hardneg for a variant reading its mined table
+    sets:list = field(default_factory=list)           # `--set` strings for the baseline and every variant
+
+    def __post_init__(self): self.baseline_phases = self.baseline_phases or list(self.phases)
+
+def _upto(phase:str)->list: return PIPELINE[:PIPELINE.index(phase) + 1]
+
+FUSED_META = ['psf_fwhm_used_r', 'psfdepth_r']   # observing conditions fused late (dhs.data.CONDITION_COLUMNS)
+
+def ablation_variants(arch:str, arch_sets:list)->dict:
+    "The ablation factors, each varied alone: architecture, controls, source kind, PSF, preprocessing, fusion, hard negatives, ensemble."
+    return {arch: arch_sets,
+            'paired-controls': ['manifest.unpaired_frac=0.0'], 'unpaired-controls': ['manifest.unpaired_frac=1.0'],
+            'sersic-sources': ['manifest.source_kinds=sersic:1.0'], 'template-sources': ['manifest.source_kinds=template:1.0'],
+            'moffat-psf': ['inject.psf_model=moffat'], 'residual': ['train.residual=True'],
+            'meta-fusion': [f'train.meta_columns={FUSED_META}'],
+            'hard-negatives': ['manifest.extra_negatives={baseline}/hardneg/mined/hard_negatives.parquet'],
+            'ensemble': ['train.n_models=3']}
+
+# %% ../nbs/03_runner.ipynb
+MATRICES = {
+    'ablation': Matrix('one factor at a time from the mock preset (CPU; ResNet18 gets 2 epochs)', 'mock', _upto('evaluate'),
+                       ablation_variants('resnet18', ['train.arch=resnet18', 'train.epochs=2']), _upto('hardneg')),
+    'ablation-gpu': Matrix('one factor at a time from the mock-gpu preset (ResNet18 baseline vs ConvNeXt-Tiny)', 'mock-gpu',
+                           _upto('evaluate'), ablation_variants('convnext_tiny', ['train.arch=convnext_tiny']), _upto('hardneg')),
+    'tiny-ablation': Matrix('two training variants on the tiny preset (used by the tests)', 'tiny', _upto('evaluate'),
+                            {'residual': ['train.residual=True'], 'meta-fusion': [f'train.meta_columns={FUSED_META}']}),
+}
+
+# %% ../nbs/03_runner.ipynb
+def substitute_baseline(sets:list, baseline_dir)->list:
+    "`--set` strings with `{baseline}` replaced by the baseline run folder."
+    return [s.replace('{baseline}', str(baseline_dir)) for s in sets]
+
+def effective_params(steps:list)->dict:
+    "Phase -> parameters the current run notebook runs with (its defaults updated with `params`), for plan steps or run.json entries."
+    out = {}
+    for s in steps:
+        defaults = {k: parse_value(v) for k, v in notebook_parameters(runs_dir()/PHASES[s['phase']]).items()}
+        out[s['phase']] = {k: v for k, v in {**defaults, **s['params']}.items() if k != 'run_dir'}
+    return out
+
+def first_difference(base:dict, variant:dict, phases:list)->str|None:
+    "First phase (in `phases` order) whose parameters differ between two `effective_params` dicts; None if none does."
+    return next((ph for ph in phases if base.get(ph) != variant.get(ph)), None)
+
+# %% ../nbs/03_runner.ipynb
+def _link(src:Path, dst:Path):
+    "Symlink file `src` at `dst`; a folder becomes real folders holding links to its files."
+    if not src.is_dir():
+        if not (dst.exists() or dst.is_symlink()): dst.symlink_to(src)    # kept when resuming
+        return
+    for root, dirs, files in os.walk(src, followlinks=True):
+        here = dst/Path(root).relative_to(src)
+        here.mkdir(parents=True, exist_ok=True)
+        for f in files: _link(Path(root)/f, here/f)
+
+def link_shared(baseline_dir, variant_dir, entries:list)->list:
+    "Link the `outputs` of the baseline's run.json `entries` into `variant_dir`; returns the linked files (baseline paths)."
+    baseline_dir, variant_dir, linked = Path(baseline_dir).resolve(), Path(variant_dir), []
+    for e in entries:
+        if 'outputs' not in e: raise ValueError(f'{baseline_dir}/run.json: phase {e["phase"]!r} lists no outputs (a run made before '
+                                                'run.json recorded them); rerun the baseline with this version of dhs')
+        for name in e['outputs']:
+            src = baseline_dir/name
+            if not src.exists(): raise FileNotFoundError(f'{src}: listed as an output of phase {e["phase"]!r} in {baseline_dir}/run.json, but missing')
+            _link(src, variant_dir/name)
+            linked += [src] if src.is_file() else [p for p in src.rglob('*') if p.is_file()]
+    return linked
+
+def file_states(paths:list)->dict:
+    "path -> (size, mtime_ns): enough to notice a write through a link."
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths}
+
+# %% ../nbs/03_runner.ipynb
+def compare_runs(runs:dict)->pd.DataFrame:
+    "One row per run (name -> run folder) of headline evaluation numbers; a run's matrix info comes from its run.json."
+    import pandas as pd
+    rows = []
+    for name, run_dir in runs.items():
+        summary_path, rec = Path(run_dir)/'evaluation'/'summary.json', _load_record(Path(run_dir))
+        if not summary_path.exists(): raise FileNotFoundError(f'{summary_path}: run {name!r} has no evaluation; run its evaluate phase first')
+        s, m = json.loads(summary_path.read_text()), rec.get('matrix', {})
+        row = dict(run=name, factor=' '.join(m.get('sets', [])), first_phase=m.get('first_phase', ''),
+                   auroc=s.get('auroc'), pauc_1e_2=s.get('pauc_1e-2'))
+        for t in s.get('tpr_at_fpr', []):
+            k = f"{t['target_fpr']:g}"
+            row.update({f'tpr@{k}': t['tpr'], f'tpr_lo@{k}': t['tpr_lo'], f'tpr_hi@{k}': t['tpr_hi'], f'n_neg@{k}': t['n_neg'],
+                        f'n_fp@{k}': t['n_fp'], f'measurable@{k}': t['measurable']})
+        gates = s.get('gates', {})
+        row['gates_passed'] = gates.get('passed')
+        row.update({f'gate:{g}': v.get('value') for g, v in gates.get('values', {}).items()})
+        row.update(ece=s.get('calibration', {}).get('ece_before'), ece_calibrated=s.get('calibration', {}).get('ece_after'),
+                   seconds=round(sum(p.get('seconds', 0) for p in rec.get('phases', []) if not p.get('shared')), 1))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index('run')
+
+# %% ../nbs/03_runner.ipynb
+HEADLINE_FPRS = (1e-2, 1e-3)   # TPR columns of the LaTeX and Markdown tables
+
+def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='baseline')->str:
+    "A Markdown table of the headline columns, with differences from `baseline` in brackets."
+    cols = ['auroc', 'pauc_1e_2', *[f'tpr@{f:g}' for f in fprs if f'tpr@{f:g}' in table], 'ece', 'gates_passed', 'seconds']
+    head = ['run', 'factor', 'from', *cols]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for name, r in table.iterrows():
+        cells = [name, f'`{r["factor"]}`' if r['factor'] else '', r['first_phase']]
+        for c in cols:
+            v = r[c]
+            if isinstance(v, (bool, str)) or v is None or c in ('gates_passed', 'seconds'): cells.append(str(v)); continue
+            d = v - table.loc[baseline, c] if baseline in table.index and name != baseline else None
+            cells.append(f'{v:.3f}' + (f' ({d:+.3f})' if d is not None and d == d else ''))
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+def comparison_latex(table:pd.DataFrame, fprs=HEADLINE_FPRS, caption:str='', label:str='tab:ablation')->str:
+    "A booktabs LaTeX table (MNRAS-friendly, `\\usepackage{booktabs}`): AUROC, pAUC, TPR [interval] and N_FP/N_neg at the headline FPRs."
+    from dhs.selection import latex_escape, latex_sci, fmt_interval
+    fprs = [f for f in fprs if f'tpr@{f:g}' in table]
+    head = ['Variant', 'Factor', 'AUROC', r'pAUC$_{10^{-2}}$', *[rf'TPR at {latex_sci(f)}' for f in fprs],
+            *[rf'$N_\mathrm{{FP}}/N_\mathrm{{neg}}$ at {latex_sci(f)}' for f in fprs], 'Gates']
+    rows = []
+    for name, r in table.iterrows():
+        dagger = lambda f: '' if r[f'measurable@{f:g}'] else r'\,$^\dagger$'   # never `$$`: TeX reads it as display math
+        tpr = [fmt_interval(r[f'tpr@{f:g}'], r[f'tpr_lo@{f:g}'], r[f'tpr_hi@{f:g}'], 3) + dagger(f) for f in fprs]
+        counts = [f"{int(r[f'n_fp@{f:g}'])}/{int(r[f'n_neg@{f:g}'])}" for f in fprs]
+        num = lambda x: f'{x:.3f}' if x is not None and x == x else '--'
+        rows.append([latex_escape(name), latex_escape(r['factor']) if r['factor'] else '--', num(r['auroc']), num(r['pauc_1e_2']), *tpr, *counts,
+                     {True: 'pass', False: 'fail'}.get(r['gates_passed'], '--')])
+    caption = caption or ('Ablation: each variant changes one factor of the baseline. TPR at fixed FPR on the test split '
+                          r'(thresholds from validation) with Clopper--Pearson intervals; $^\dagger$ unmeasurable, $N_\mathrm{neg}\times\mathrm{FPR}<10$.')
+    lines = [r'\begin{table*}', r'\centering', rf'\caption{{{caption}}}', rf'\label{{{label}}}',
+             rf'\begin{{tabular}}{{ll{"c" * (len(head) - 2)}}}', r'\toprule', ' & '.join(head) + r' \\', r'\midrule',
+             *[' & '.join(row) + r' \\' for row in rows], r'\bottomrule', r'\end{tabular}', r'\end{table*}']
+    return '\n'.join(lines) + '\n'
+
+# %% ../nbs/03_runner.ipynb
+def _chosen(m:Matrix, name:str, variants:list|None)->dict:
+    "The selected variants of matrix `name`, checked."
+    unknown = sorted(set(variants or []) - set(m.variants))
+    if unknown: raise ValueError(f'matrix {name!r} has no variant(s) {unknown}; its variants: {sorted(m.variants)}')
+    if variants and 'baseline' in variants: raise ValueError("'baseline' is always run; name only variants")
+    return {v: m.variants[v] for v in (variants or m.variants)}
+
+def _baseline_record(path:Path, needed:list)->dict:
+    "run.json of an existing baseline run, checked to hold every needed phase finished."
+    rec = _load_record(path)
+    if not rec: raise FileNotFoundError(f'{path}/run.json: not found; --baseline-run needs a run folder made by `dhs run`')
+    ok = {p['phase'] for p in rec.get('phases', []) if p['status'] == 'ok'}
+    missing = [p for p in needed if p not in ok]
+    if missing: raise ValueError(f'{path}/run.json: baseline phase(s) {missing} did not finish; finish them '
+                                 f'(dhs run --resume --run-id {path.name}) or let the matrix run its own baseline')
+    return rec
+
+def plan_variants(m:Matrix, chosen:dict, base_steps:list, base_dir, common:list)->dict:
+    "Variant -> (its full `--set` list, first differing phase); refuses a variant that changes nothing."
+    base = effective_params([s for s in base_steps if s['phase'] in m.phases])
+    out = {}
+    for v, vs in chosen.items():
+        sets = [*common, *substitute_baseline(vs, base_dir)]
+        first = first_difference(base, effective_params(resolve(m.preset, m.phases, sets)), m.phases)
+        if first is None: raise ValueError(f'variant {v!r} ({" ".join(vs)}) runs every phase of {m.phases} with the baseline\'s '
+                                           'parameters: it changes nothing')
+        out[v] = (sets, first)
+    return out
+
+# %% ../nbs/03_runner.ipynb
+def run_matrix(name:str, outputs:str|Path='outputs', matrix_id:str|None=None, sets:list|None=None, variants:list|None=None,
+               baseline_run:str|Path|None=None, resume:bool=False, log=print)->Path:
+    "Run the baseline (or reuse `baseline_run`) and the variants of matrix `name`; write the comparison tables; returns the matrix folder."
+    if name not in MATRICES: raise ValueError(f'unknown matrix {name!r}; known: {sorted(MATRICES)}')
+    m, t0 = MATRICES[name], time.time()
+    chosen, common = _chosen(m, name, variants), [*m.sets, *(sets or [])]
+    matrix_id = matrix_id or f"{name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    mdir = (Path(outputs)/matrix_id).resolve()
+    if mdir.exists() and any(mdir.iterdir()) and not resume:
+        raise FileExistsError(f'{mdir} exists; continue it with --resume --run-id {matrix_id}, or choose another --run-id')
+    needed = m.baseline_phases if any('{baseline}' in s for vs in chosen.values() for s in vs) else m.phases
+    base_dir = Path(baseline_run).resolve() if baseline_run else mdir/'baseline'
+    base_steps = _baseline_record(base_dir, needed)['phases'] if baseline_run else resolve(m.preset, needed, common)
+    planned = plan_variants(m, chosen, base_steps, base_dir, common)
+    mdir.mkdir(parents=True, exist_ok=True)
+    if not baseline_run: run_preset(m.preset, mdir, 'baseline', needed, common, resume, log=log)
+    base_rec = _baseline_record(base_dir, needed)
+    runs = {'baseline': base_dir}
+    for v, (vsets, first) in planned.items():
+        log(f'[dhs run] matrix {name}: variant {v} ({" ".join(chosen[v])}) re-runs from phase {first}')
+        runs[v] = _run_variant(m, v, chosen[v], vsets, first, base_dir, base_rec, mdir, log)
+    return _write_comparison(name, m, mdir, runs, chosen, planned, common, base_dir, t0, log)
+
+# %% ../nbs/03_runner.ipynb
+def _run_variant(m:Matrix, v:str, factor:list, vsets:list, first:str, base_dir:Path, base_rec:dict, mdir:Path, log)->Path:
+    "Link the baseline's phases before `first` into <matrix>/<v>/, run the rest, check the baseline was not written through a link."
+    vdir, shared = mdir/v, m.phases[:m.phases.index(first)]
+    entries = {p['phase']: p for p in base_rec['phases'] if p['status'] == 'ok'}
+    vdir.mkdir(parents=True, exist_ok=True)
+    linked = link_shared(base_dir, vdir, [entries[ph] for ph in shared])
+    rec = _load_record(vdir)
+    if not rec:                    # a fresh variant: the shared phases' entries, marked as such
+        write_json(dict(phases=[dict(entries[ph], shared=True, shared_from=str(base_dir)) for ph in shared]), vdir/'run.json')
+    states = file_states(linked)
+    run_preset(m.preset, mdir, v, m.phases, vsets, resume=True, log=log)
+    changed = [p for p, st in file_states(linked).items() if st != states[p]]
+    if changed: raise RuntimeError(f'variant {v!r} wrote through a link into the baseline, e.g. {changed[0]}; a phase from {first} on '
+                                   'rewrites a file an earlier phase made: make it write a new file instead')
+    rec = _load_record(vdir)
+    rec['matrix'] = dict(variant=v, sets=factor, resolved_sets=vsets, first_phase=first, shared_phases=shared, baseline=str(base_dir))
+    write_json(rec, vdir/'run.json')
+    return vdir
+
+def _write_comparison(name, m, mdir, runs, chosen, planned, common, base_dir, t0, log)->Path:
+    "comparison.csv / .md / .tex and matrix.json (provenance) in the matrix folder; print the table."
+    table = compare_runs(runs)
+    table.to_csv(mdir/'comparison.csv')
+    (mdir/'comparison.md').write_text(md := comparison_markdown(table))
+    (mdir/'comparison.tex').write_text(comparison_latex(table, caption=''))
+    write_json(provenance(matrix=name, description=m.description, preset=m.preset, phases=m.phases, sets=common,
+                          baseline=str(base_dir), variants={v: dict(sets=chosen[v], first_phase=planned[v][1]) for v in chosen},
+                          runs={k: str(p) for k, p in runs.items()}, seconds=round(time.time() - t0, 1), argv=sys.argv), mdir/'matrix.json')
+    log(f'[dhs run] matrix {name}: {mdir}\n{md}')
+    return mdir
+
+# %% ../nbs/03_runner.ipynb
 def main(argv:list|None=None):
-    "`dhs run`: execute a preset's run notebooks with papermill into outputs/<run-id>/."
+    "`dhs run`: execute a preset's run notebooks (or an ablation matrix) with papermill into outputs/<run-id>/."
     ap = argparse.ArgumentParser(prog='dhs run', description=main.__doc__)
     ap.add_argument('--preset', default='mock', help='preset name (default: mock); see --list')
+    ap.add_argument('--matrix', help='run the ablation matrix NAME (a baseline and its variants) instead of one preset; see --list')
+    ap.add_argument('--variants', help='with --matrix: comma-separated variants to run (default: all)')
+    ap.add_argument('--baseline-run', help='with --matrix: reuse this finished run folder as the baseline')
     ap.add_argument('--only', action='append', help='run only this phase (repeatable)')
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='[PHASE.]NAME=VALUE',
                     help='override a notebook parameter (repeatable)')
     ap.add_argument('--outputs', default='outputs', help='folder holding run folders (default: outputs)')
-    ap.add_argument('--run-id', help='name of the run folder (default: <preset>-<UTC time>)')
+    ap.add_argument('--run-id', help='name of the run (or matrix) folder (default: <preset or matrix>-<UTC time>)')
     ap.add_argument('--resume', action='store_true', help='skip phases that finished in run.json of --run-id')
-    ap.add_argument('--list', action='store_true', help='list presets and their phases, then exit')
+    ap.add_argument('--list', action='store_true', help='list presets, their phases and the ablation matrices, then exit')
     ap.add_argument('--dry-run', action='store_true', help='print the resolved plan as JSON, then exit')
     a = ap.parse_args(argv)
-    if a.list:
-        for name, p in PRESETS.items(): print(f'{name:12s} {p.description}\n{"":12s} phases: {" -> ".join(p.phases)}')
-        return 0
+    if a.list: _print_list(); return 0
     if a.resume and not a.run_id: ap.error('--resume needs --run-id of the run to continue')
+    if not a.matrix and (a.variants or a.baseline_run): ap.error('--variants and --baseline-run go with --matrix NAME')
+    if a.matrix:
+        if a.only or a.dry_run: ap.error('--only and --dry-run do not apply to --matrix (its phases are fixed per matrix)')
+        if a.matrix not in MATRICES: ap.error(f'unknown matrix {a.matrix!r}; known: {", ".join(MATRICES)} (see --list)')
+        variants = [v.strip() for v in a.variants.split(',') if v.strip()] if a.variants else None
+        print(f'[dhs run] matrix finished: {run_matrix(a.matrix, a.outputs, a.run_id, a.sets, variants, a.baseline_run, a.resume)}')
+        return 0
     if a.dry_run:
         print(json.dumps(resolve(a.preset, a.only, a.sets), indent=2, default=str))
         return 0
     run_dir = run_preset(a.preset, a.outputs, a.run_id, a.only, a.sets, a.resume)
     print(f'[dhs run] finished: {run_dir}')
     return 0
+
+def _print_list():
+    "Presets with their phases, then matrices with their variants."
+    for name, p in PRESETS.items(): print(f'{name:12s} {p.description}\n{"":12s} phases: {" -> ".join(p.phases)}')
+    print('\nablation matrices (dhs run --matrix NAME [--variants a,b]):')
+    for name, m in MATRICES.items():
+        print(f'{name:14s} {m.description}\n{"":14s} baseline: --preset {m.preset}, phases {m.phases[0]} .. {m.baseline_phases[-1]}')
+        for v, vs in m.variants.items(): print(f'{"":14s} {v:18s} {" ".join(vs)}')

@@ -32,3 +32,14 @@ def tiny_hosts(tiny_sky):
     lenses = known_lenses()[0]
     parts = [process_sweep(str(p), 'desi_lrg', lenses, 5.0)[0] for p in sorted((sky/'south'/'sweep'/'10.1').glob('sweep-*.fits'))]
     return pd.concat([p for p in parts if p is not None], ignore_index=True)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    "The README's main command at its smallest, run once per session: `dhs run --preset tiny` -> (CompletedProcess, run folder)."
+    import subprocess
+    from pathlib import Path
+    out = tmp_path_factory.mktemp('tiny-run')
+    proc = subprocess.run([str(Path(sys.executable).parent/'dhs'), 'run', '--preset', 'tiny', '--outputs', str(out), '--run-id', 'r1'],
+                          capture_output=True, text=True, timeout=600)
+    return proc, out/'r1'

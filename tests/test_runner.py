@@ -14,17 +14,20 @@ def _injected_source(nb_path):
 
 
 @pytest.mark.slow
-def test_tiny_preset_cli_records_run(tmp_path):
-    "The README's main command, at its smallest: every phase of the pipeline on the tiny mock sky."
-    out = subprocess.run([str(Path(sys.executable).parent/'dhs'), 'run', '--preset', 'tiny', '--outputs', str(tmp_path),
-                          '--run-id', 'r1'], capture_output=True, text=True, timeout=300)
+def test_tiny_preset_cli_records_run(tiny_run):
+    "The README's main command, at its smallest: every phase of the pipeline on the tiny mock sky (run once, in conftest)."
+    out, run_dir = tiny_run
     assert out.returncode == 0, out.stderr
-    run_dir = tmp_path/'r1'
     record = json.loads((run_dir/'run.json').read_text())
     assert record['preset'] == 'tiny' and record['dhs_version']
     assert [p['phase'] for p in record['phases']] == runner.PRESETS['tiny'].phases
     assert all(p['status'] == 'ok' and p['seconds'] > 0 for p in record['phases'])
     for p in record['phases']: assert Path(p['executed']).exists()
+    outputs = {p['phase']: p['outputs'] for p in record['phases']}
+    assert {'sky', '01_mocksky.ipynb'} <= set(outputs['mocksky']) and 'stamps' in outputs['inject'] and 'train' in outputs['train']
+    named = [n for names in outputs.values() for n in names]
+    assert len(named) == len(set(named)), 'each top-level name belongs to the phase that created it'
+    assert set(named) == {p.name for p in run_dir.iterdir()} - {'run.json'}
 
 
 def test_parameter_overrides_default(tmp_path):
@@ -34,6 +37,8 @@ def test_parameter_overrides_default(tmp_path):
     assert "note = 'from-the-command-line'" in src or 'note = "from-the-command-line"' in src
     env = json.loads((run_dir/'environment.json').read_text())
     assert env['note'] == 'from-the-command-line'     # the notebook used the value, not its default 'default'
+    entry = json.loads((run_dir/'run.json').read_text())['phases'][0]
+    assert {'00_environment.ipynb', 'environment.json'} <= set(entry['outputs']) and 'run.json' not in entry['outputs']
     run_dir = runner.run_preset('tiny', tmp_path, 'r3', only=['environment'], log=lambda *a: None)
     assert json.loads((run_dir/'environment.json').read_text())['note'] == 'default'
 
