@@ -28,8 +28,9 @@ PHASES = {  # phase name -> run notebook in nbs/runs/
     'evaluate': '07_evaluate.ipynb',        # TPR at fixed FPR, completeness surfaces, gates, calibration
     'hardneg': '08_hardneg.ipynb',          # mine hard negatives, one retraining round, FPR before/after
     'search': '09_search.ipynb',            # score every parent LRG, rank candidates, known-lens recovery
+    'paper': '10_paper.ipynb',              # paper figures (PNG, PDF), LaTeX tables and macros from the phases above
 }
-PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject', 'train', 'evaluate', 'hardneg', 'search']
+PIPELINE = ['environment', 'mocksky', 'parent', 'manifest', 'cache', 'inject', 'train', 'evaluate', 'hardneg', 'search', 'paper']
 
 @dataclass
 class Preset:
@@ -46,7 +47,7 @@ PRESETS = {
     'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
                    {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}),
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
-                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}}),
+                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}, 'evaluate': {'headline_fpr': 1e-2}}),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
                        {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
     'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', PIPELINE,

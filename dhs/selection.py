@@ -306,7 +306,7 @@ def rate_table_latex(table:pd.DataFrame, caption:str='', label:str='', digits:in
 # %% ../nbs/41_selection.ipynb
 def tpr_table_latex(measured:pd.DataFrame, caption:str='', label:str='tab:tpr_at_fpr', digits:int=3)->str:
     "LaTeX of `apply_thresholds` output: target FPR, N_neg, N_FP, FPR, N_pos, N_TP, TPR; daggers mark unmeasurable rows."
-    rows = [[latex_sci(r['target_fpr']) + ('' if r['measurable'] else r'$^\dagger$'), int(r['n_neg']), int(r['n_fp']),
+    rows = [[latex_sci(r['target_fpr']) + ('' if r['measurable'] else r'\,$^\dagger$'), int(r['n_neg']), int(r['n_fp']),
              latex_sci(r['fpr']), int(r['n_pos']), int(r['n_tp']), fmt_interval(r['tpr'], r['tpr_lo'], r['tpr_hi'], digits)]
             for _, r in measured.iterrows()]
     r0 = measured.iloc[0]

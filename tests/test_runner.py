@@ -76,3 +76,26 @@ def test_every_preset_resolves():
     for name in runner.PRESETS:
         plan = runner.resolve(name)
         assert plan and all(Path(s['notebook']).exists() for s in plan)
+
+
+@pytest.mark.slow
+def test_tiny_run_leaves_the_paper_outputs(tiny_run):
+    "Evaluation with the run's model in the score gates, FPR by mock contaminant class, the fine-tuned hard-negative round, the paper folder."
+    out, run_dir = tiny_run
+    assert out.returncode == 0, out.stderr
+    s = json.loads((run_dir/'evaluation'/'summary.json').read_text())
+    gates = s['gates']['values']
+    for g in ('arc_suppressed_score', 'ring_counterfactual', 'core_only_auc'):
+        assert gates[g]['value'] is not None, f'{g} did not run with the trained checkpoint'
+    assert s['provenance']['config']['scorer'] == 'dhs.score:image_scorer' and s['provenance']['config']['truth'].endswith('mock_truth.parquet')
+    import pandas as pd
+    by_class = pd.read_csv(run_dir/'evaluation'/'tables'/'fpr_truth_class.csv')
+    assert by_class.n.sum() == s['n_test']['neg'] and 'lrg' in set(by_class['bin'])   # every test negative has a truth class
+    hn = json.loads((run_dir/'hardneg'/'hardneg_round.json').read_text())
+    assert hn['retrain']['mode'] == 'finetune' and hn['retrain']['n_new_stamps'] > 0
+    paper = run_dir/'paper'
+    for f in ('figures/fig_roc.pdf', 'figures/fig_completeness.pdf', 'figures/fig_scores.pdf', 'tables/tpr_at_fpr.tex',
+              'tables/known_lenses.tex', 'tables/hardneg.tex', 'macros.tex', 'README.md'):
+        assert (paper/f).exists(), f
+    macros = (paper/'macros.tex').read_text()
+    assert f"\\newcommand{{\\dhsNneg}}{{{s['n_test']['neg']}}}" in macros and '$$' not in (paper/'tables'/'tpr_at_fpr.tex').read_text()
