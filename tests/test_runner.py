@@ -85,7 +85,7 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
     assert out.returncode == 0, out.stderr
     s = json.loads((run_dir/'evaluation'/'summary.json').read_text())
     gates = s['gates']['values']
-    for g in ('arc_suppressed_score', 'ring_counterfactual', 'core_only_auc'):
+    for g in ('arc_suppressed_score', 'ring_counterfactual'):          # the score gates (tiny: too few stamps for the CV gates)
         assert gates[g]['value'] is not None, f'{g} did not run with the trained checkpoint'
     assert s['provenance']['config']['scorer'] == 'dhs.score:image_scorer' and s['provenance']['config']['truth'].endswith('mock_truth.parquet')
     import pandas as pd
