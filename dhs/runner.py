@@ -300,7 +300,8 @@ HEADLINE_FPRS = (1e-2, 1e-3)   # TPR columns of the LaTeX and Markdown tables
 
 def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='baseline')->str:
     "A Markdown table of the headline columns, with differences from `baseline` in brackets."
-    cols = ['auroc', 'pauc_1e_2', *[f'tpr@{f:g}' for f in fprs if f'tpr@{f:g}' in table], 'ece', 'gates_passed', 'seconds']
+    cols = ['auroc', 'pauc_1e_2', *[f'tpr@{f:g}' for f in fprs if f'tpr@{f:g}' in table], 'ece',
+            *[g for g in ('gate:core_only_auc', 'gate:arc_suppressed_score') if g in table], 'gates_passed', 'seconds']
     head = ['run', 'factor', 'from', *cols]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, r in table.iterrows():
