@@ -173,10 +173,13 @@ def _host_bins(spark, hosts, cfg:ManifestConfig):
     "Hosts with region, split-cell key and bins; bin edges (quantiles of the parent sample)."
     from pyspark.sql import functions as F
     hosts = hosts.withColumn('depth5_r', F.when(F.col('galdepth_r') > 0, -2.5 * (F.log10(5 / F.sqrt('galdepth_r')) - 9)))
-    edges = {}
-    for b, col in BIN_COLUMNS.items():
-        qs = np.linspace(0, 1, cfg.n_bins[b] + 1).tolist()
-        edges[b] = [float(v) for v in hosts.approxQuantile(col, qs, 0.001)] if cfg.n_bins[b] > 1 else [-np.inf, np.inf]
+    # exact quantiles (relative error 0), in one pass: Spark's approximate sketch depends on the partitioning, and
+    # edges that move between runs would move hosts between control cells and change the unpaired controls
+    binned = {b: col for b, col in BIN_COLUMNS.items() if cfg.n_bins[b] > 1}
+    want = {b: np.linspace(0, 1, cfg.n_bins[b] + 1).round(12).tolist() for b in binned}
+    qs = sorted({q for v in want.values() for q in v})
+    got = dict(zip(binned, hosts.approxQuantile(list(binned.values()), qs, 0.0))) if binned else {}
+    edges = {b: [float(got[b][qs.index(q)]) for q in want[b]] if b in binned else [-np.inf, np.inf] for b in BIN_COLUMNS}
     nside = cfg.nside
     def add(batches):
         for pdf in batches:
@@ -298,7 +301,8 @@ def run_manifest(cfg:ManifestConfig, spark=None)->dict:
 def _write_summary(spark, cfg, splits, region_hosts, edges, n_parent, seconds)->dict:
     "Split table and summary (counts by split and kind, achieved fractions, bin edges, provenance)."
     tasks = spark.read.parquet(uri_join(cfg.out_uri, 'tasks'))
-    counts = tasks.groupBy('region_split', 'is_control', 'control_kind').count().toPandas()
+    counts = (tasks.groupBy('region_split', 'is_control', 'control_kind').count().toPandas()
+              .sort_values(['region_split', 'is_control', 'control_kind'], ignore_index=True))
     n_hosts = sum(region_hosts.values())
     by_split = {s: dict(regions=sum(v == s for r, v in splits.items() if r in region_hosts),
                         host_fraction=round(sum(region_hosts[r] for r in region_hosts if splits[r] == s) / max(n_hosts, 1), 4),

@@ -118,6 +118,18 @@ def test_controls_half_and_unpaired_match_bins(manifest_out):
     assert (paired['host_id'] == paired['host_id_pos']).all()
 
 
+def test_manifest_is_the_same_whatever_the_partitioning(spark, manifest_out, tmp_path):
+    "Bin edges are exact quantiles: another partitioning gives the same edges, cells and unpaired control hosts."
+    cfg, s, tasks, _ = manifest_out
+    import dataclasses
+    s2 = manifest.run_manifest(dataclasses.replace(cfg, out_uri=str(tmp_path/'m2'), partitions=5), spark)
+    assert s2['bin_edges'] == s['bin_edges'] and s2['counts'] == s['counts']
+    again = pd.read_parquet(tmp_path/'m2'/'tasks').set_index('task_id').sort_index()
+    first = tasks.set_index('task_id').sort_index()
+    assert (again.index == first.index).all() and (again.host_id == first.host_id).all()
+    assert (again.task_seed64 == first.task_seed64).all()
+
+
 def test_controls_carry_shadow_parameters_and_seed_rebuilds(manifest_out):
     cfg, s, tasks, hosts = manifest_out
     ctrl = tasks[tasks.is_control == 1]
