@@ -288,7 +288,7 @@ def compare_runs(runs:dict)->pd.DataFrame:
             row.update({f'tpr@{k}': t['tpr'], f'tpr_lo@{k}': t['tpr_lo'], f'tpr_hi@{k}': t['tpr_hi'], f'n_neg@{k}': t['n_neg'],
                         f'n_fp@{k}': t['n_fp'], f'measurable@{k}': t['measurable']})
         gates = s.get('gates', {})
-        row['gates_passed'] = gates.get('passed')
+        row['gates_passed'], row['gates_not_run'] = gates.get('passed'), len(gates.get('not_run') or [])
         row.update({f'gate:{g}': v.get('value') for g, v in gates.get('values', {}).items()})
         row.update(ece=s.get('calibration', {}).get('ece_before'), ece_calibrated=s.get('calibration', {}).get('ece_after'),
                    seconds=round(sum(p.get('seconds', 0) for p in rec.get('phases', []) if not p.get('shared')), 1))
@@ -299,7 +299,7 @@ def compare_runs(runs:dict)->pd.DataFrame:
 HEADLINE_FPRS = (1e-2, 1e-3)   # TPR columns of the LaTeX and Markdown tables
 
 def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='baseline')->str:
-    "A Markdown table of the headline columns, with differences from `baseline` in brackets."
+    "A Markdown table of the headline columns (TPR with its interval), differences from `baseline` in parentheses."
     cols = ['auroc', 'pauc_1e_2', *[f'tpr@{f:g}' for f in fprs if f'tpr@{f:g}' in table], 'ece',
             *[g for g in ('gate:core_only_auc', 'gate:arc_suppressed_score') if g in table], 'gates_passed', 'seconds']
     head = ['run', 'factor', 'from', *cols]
@@ -308,9 +308,11 @@ def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='ba
         cells = [name, f'`{r["factor"]}`' if r['factor'] else '', r['first_phase']]
         for c in cols:
             v = r[c]
+            if c == 'gates_passed' and r.get('gates_not_run'): cells.append(f'{v} ({int(r["gates_not_run"])} not run)'); continue
             if isinstance(v, (bool, str)) or v is None or c in ('gates_passed', 'seconds'): cells.append(str(v)); continue
             d = v - table.loc[baseline, c] if baseline in table.index and name != baseline else None
-            cells.append(f'{v:.3f}' + (f' ({d:+.3f})' if d is not None and d == d else ''))
+            ci = f' [{r[c.replace("@", "_lo@")]:.3f}, {r[c.replace("@", "_hi@")]:.3f}]' if c.startswith('tpr@') and c.replace('@', '_lo@') in r else ''
+            cells.append(f'{v:.3f}{ci}' + (f' ({d:+.3f})' if d is not None and d == d else ''))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
