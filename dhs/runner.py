@@ -208,14 +208,15 @@ def _upto(phase:str)->list: return PIPELINE[:PIPELINE.index(phase) + 1]
 FUSED_META = ['psf_fwhm_used_r', 'psfdepth_r']   # observing conditions fused late (dhs.data.CONDITION_COLUMNS)
 
 def ablation_variants(arch:str, arch_sets:list)->dict:
-    "The ablation factors, each varied alone: architecture, controls, source kind, PSF, preprocessing, fusion, hard negatives, ensemble."
+    "The ablation factors, each varied alone (architecture, controls, source kind, PSF, preprocessing, fusion, hard negatives, ensemble), and two seeds."
     return {arch: arch_sets,
             'paired-controls': ['manifest.unpaired_frac=0.0'], 'unpaired-controls': ['manifest.unpaired_frac=1.0'],
             'sersic-sources': ['manifest.source_kinds=sersic:1.0'], 'template-sources': ['manifest.source_kinds=template:1.0'],
             'moffat-psf': ['inject.psf_model=moffat'], 'residual': ['train.residual=True'],
             'meta-fusion': [f'train.meta_columns={FUSED_META}'],
             'hard-negatives': ['manifest.extra_negatives={baseline}/hardneg/mined/hard_negatives.parquet'],
-            'ensemble': ['train.n_models=3']}
+            'ensemble': ['train.n_models=3'],
+            'seed-1': ['train.seed=1'], 'seed-2': ['train.seed=2']}   # the baseline retrained: the table's own noise floor
 
 # %% ../nbs/03_runner.ipynb
 MATRICES = {
