@@ -352,8 +352,11 @@ def _baseline_record(path:Path, needed:list)->dict:
     if not rec: raise FileNotFoundError(f'{path}/run.json: not found; --baseline-run needs a run folder made by `dhs run`')
     ok = {p['phase'] for p in rec.get('phases', []) if p['status'] == 'ok'}
     missing = [p for p in needed if p not in ok]
-    if missing: raise ValueError(f'{path}/run.json: baseline phase(s) {missing} did not finish; finish them '
-                                 f'(dhs run --resume --run-id {path.name}) or let the matrix run its own baseline')
+    if missing:
+        only = ' '.join(f'--only {p}' for p in missing)
+        raise ValueError(f'{path}/run.json: baseline phase(s) {missing} did not finish; finish them (dhs run --preset '
+                         f'{rec.get("preset", "PRESET")} --outputs {path.parent} --run-id {path.name} --resume {only}) '
+                         'or let the matrix run its own baseline')
     return rec
 
 def plan_variants(m:Matrix, chosen:dict, base_steps:list, base_dir, common:list)->dict:
