@@ -9,13 +9,10 @@ from functools import lru_cache
 import math
 import numpy as np
 from skimage.measure import points_in_poly
-from numba import njit, types
-from numba.extending import intrinsic
-from llvmlite import ir as llvm_ir
 
 # %% auto 0
-__all__ = ['Lens', 'check_lens', 'shear_from_polar', 'sie_deflection', 'shear_deflection', 'deflection', 'ray_shoot', 'hessian',
-           'jacobian', 'det_jacobian', 'magnification', 'ray_shoot_jacobian', 'eigenvalues', 'stretch',
+__all__ = ['Lens', 'check_lens', 'shear_from_polar', 'sie_deflection', 'shear_deflection', 'deflection', 'ray_core', 'ray_shoot',
+           'hessian', 'jacobian', 'det_jacobian', 'magnification', 'ray_shoot_jacobian', 'eigenvalues', 'stretch',
            'critical_curve', 'caustics', 'image_positions', 'image_multiplicity', 'in_multiple_image_region',
            'sample_source_position']
 
@@ -88,7 +85,7 @@ def deflection(x, y,      # image-plane position [arcsec]
     sx, sy = shear_deflection(x, y, lens.gamma1, lens.gamma2, lens.x0, lens.y0)
     return ax + sx, ay + sy
 
-def _ray_core(dx, dy, c, s, q, e, b, g1, g2):
+def ray_core(dx, dy, c, s, q, e, b, g1, g2):
     "Source position relative to the lens centre of rays at (dx, dy) from it; constants scalar or broadcastable, e > 0."
     xr, yr, t = dx*c, dy*c, dy*s
     xr += t; np.multiply(dx, s, out=t); yr -= t
@@ -111,180 +108,12 @@ def ray_shoot(x, y, lens:Lens):
     c, s, q, g1, g2 = math.cos(lens.phi), math.sin(lens.phi), float(lens.q), float(lens.gamma1), float(lens.gamma2)
     b = float(lens.theta_e)*math.sqrt(q)
     if 1 - q >= _Q_SERIES:
-        bx, by = _ray_core(dx, dy, c, s, q, math.sqrt((1 - q)*(1 + q)), b, g1, g2)
+        bx, by = ray_core(dx, dy, c, s, q, math.sqrt((1 - q)*(1 + q)), b, g1, g2)
         return bx + lens.x0, by + lens.y0
     xr, yr = c*dx + s*dy, c*dy - s*dx  # nearly round: the series of _sie_unit
     psi = np.maximum(np.sqrt(q*q*xr*xr + yr*yr), np.finfo(dt).tiny)
     fx, fy = _sie_unit(xr/psi, yr/psi, q)
     return (lens.x0 + (1 - g1)*dx - g2*dy - b*(c*fx - s*fy), lens.y0 + (1 + g1)*dy - g2*dx - b*(s*fx + c*fy))
-
-# %% ../nbs/10_lensing.ipynb
-@intrinsic
-def _bits(typingctx, x):
-    "The IEEE-754 bits of a float64 as an int64 (a bitcast LLVM can vectorise)."
-    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.IntType(64))
-    return types.int64(types.float64), codegen
-
-@intrinsic
-def _from_bits(typingctx, i):
-    "The float64 whose IEEE-754 bits are the int64 `i`."
-    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.DoubleType())
-    return types.float64(types.int64), codegen
-
-_jit = dict(cache=True, fastmath=False, error_model='numpy')  # every kernel: cached, IEEE, inf on x/0
-_inline = dict(inline='always', **_jit)
-_LN2_HI, _LN2_LO = 0.6931471803691238, 1.9082149292705877e-10  # ln 2 split so that k ln2_hi is exact (fdlibm)
-_TAN_PI12, _SQRT3 = 2 - math.sqrt(3), math.sqrt(3)
-
-# %% ../nbs/10_lensing.ipynb
-_ATANH_C = tuple(1/(2*j + 1) for j in range(9))              # artanh(s)/s in z = s^2, |s| <= 0.1716: next < 5e-16
-_ATAN_C = tuple((-1)**j/(2*j + 1) for j in range(12))        # arctan(a)/a in z = a^2, |a| <= 0.268: next < 2e-16
-
-@njit(**_inline)
-def _poly8(x, c):
-    "c[0] + c[1] x + ... + c[8] x^8 by Estrin's scheme (short dependency chains: 1.5x faster than Horner here)."
-    x2 = x*x; x4 = x2*x2
-    return ((c[0] + c[1]*x) + (c[2] + c[3]*x)*x2) + ((c[4] + c[5]*x) + (c[6] + c[7]*x)*x2)*x4 + c[8]*(x4*x4)
-
-@njit(**_inline)
-def _poly12(x, c):
-    "c[0] + c[1] x + ... + c[12] x^12 (Estrin; c[12] = 0 gives degree 11)."
-    x2 = x*x; x4 = x2*x2
-    lo = ((c[0] + c[1]*x) + (c[2] + c[3]*x)*x2) + ((c[4] + c[5]*x) + (c[6] + c[7]*x)*x2)*x4
-    return lo + ((c[8] + c[9]*x) + (c[10] + c[11]*x)*x2 + c[12]*x4)*(x4*x4)
-
-# %% ../nbs/10_lensing.ipynb
-@njit(**_inline)
-def _atanh_series(s):
-    "artanh(s) for |s| <= 3 - 2 sqrt 2 = 0.1716 (series to s^17)."
-    return s*_poly8(s*s, _ATANH_C)
-
-@njit(**_inline)
-def _log(x):
-    "Natural log of a normal float64 x > 0, to 1e-15 absolute near 1 and relative elsewhere."
-    b = _bits(x)
-    f = _from_bits((b & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)  # mantissa in [1, 2)
-    big = f > math.sqrt(2)
-    f = f*0.5 if big else f  # [sqrt(1/2), sqrt(2)): |s| <= 0.1716
-    m = float((b >> 52) - 1023) + (1. if big else 0.)
-    return 2*_atanh_series((f - 1)/(f + 1)) + m*math.log(2)
-
-# %% ../nbs/10_lensing.ipynb
-@njit(**_inline)
-def _atanh(y):
-    "artanh(y) for |y| < 1: the series near 0 (relative precision kept), 1/2 log((1+y)/(1-y)) beyond."
-    a = abs(y)
-    r = _atanh_series(a) if a <= 0.1716 else 0.5*_log((1 + a)/(1 - a))
-    return math.copysign(r, y)
-
-@njit(**_inline)
-def _atan(x):
-    "arctan(x) to 1e-15: |x| > 1 via pi/2 - arctan(1/x), then pi/6 + arctan((sqrt3 x - 1)/(x + sqrt3)), then a series."
-    a = abs(x)
-    inv = a > 1.
-    a = min(a, 1/a)
-    red = a > _TAN_PI12
-    a = (a*_SQRT3 - 1)/(a + _SQRT3) if red else a  # |a| <= tan(pi/12) = 0.268
-    r = a*_poly12(a*a, _ATAN_C + (0.,)) + (math.pi/6 if red else 0.)
-    r = math.pi/2 - r if inv else r
-    return math.copysign(r, x)
-
-# %% ../nbs/10_lensing.ipynb
-@njit(**_inline)
-def _sie_shear_ray(dx, dy,      # ray position from the lens centre [arcsec]
-                   c, s, q, e, f, g1, g2):  # cos, sin phi; q; e = sqrt(1 - q^2) > 0; f = theta_e sqrt(q) / e; shear
-    "Source position (from the lens centre) [arcsec] of one ray: beta = theta - alpha_SIE - alpha_shear."
-    xr = c*dx + s*dy; yr = c*dy - s*dx
-    w = e/max(math.sqrt(q*q*xr*xr + yr*yr), 1e-300)  # the centre: no deflection
-    ax = _atan(xr*w); ay = _atanh(yr*w)
-    return dx*(1 - g1) - dy*g2 - f*(c*ax - s*ay), dy*(1 + g1) - dx*g2 - f*(s*ax + c*ay)
-
-def _lens_table(L)->np.ndarray:
-    "(B, 8) float64 constants (c, s, q, e, f, g1, g2, b) of lenses given as a (B, 7) `Lens` table."
-    L = np.asarray(L, np.float64).reshape(-1, 7)
-    q = L[:, 1]; e = np.sqrt(np.maximum((1 - q)*(1 + q), 1e-8)); b = L[:, 0]*np.sqrt(q)
-    return np.stack([np.cos(L[:, 2]), np.sin(L[:, 2]), q, e, b/e, L[:, 3], L[:, 4], b], 1)
-
-@njit(**_jit)
-def _ray_shoot_compiled(dx, dy, k):
-    "Source positions (from the lens centre) of 1-D rays (dx, dy) through the lens of `_lens_table` row k."
-    bx, by = np.empty_like(dx), np.empty_like(dy)
-    for i in range(dx.size): bx[i], by[i] = _sie_shear_ray(dx[i], dy[i], k[0], k[1], k[2], k[3], k[4], k[5], k[6])
-    return bx, by
-
-# %% ../nbs/10_lensing.ipynb
-_f4, _i4 = np.float32, np.int32
-_EXP_C4 = tuple(_f4(1/math.factorial(i)) for i in range(8)) + (_f4(0),)  # next term < 6e-9
-_ATANH_C4 = tuple(_f4(1/(2*j + 1)) for j in range(5)) + (_f4(0),)          # next < 3e-9
-_ATAN_C4 = tuple(_f4((-1)**j/(2*j + 1)) for j in range(6))                   # next < 1e-8
-_LN2_HI4, _LN2_LO4, _LOG2E4, _LN2_4 = _f4(0.693359375), _f4(-2.12194440e-4), _f4(1/math.log(2)), _f4(math.log(2))
-_F0, _F1, _F2, _FH, _TINY4 = _f4(0), _f4(1), _f4(2), _f4(0.5), _f4(1e-30)
-
-@intrinsic
-def _bits4(typingctx, x):
-    "The IEEE-754 bits of a float32 as an int32."
-    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.IntType(32))
-    return types.int32(types.float32), codegen
-
-@intrinsic
-def _from_bits4(typingctx, i):
-    "The float32 whose IEEE-754 bits are the int32 `i`."
-    def codegen(context, builder, sig, args): return builder.bitcast(args[0], llvm_ir.FloatType())
-    return types.float32(types.int32), codegen
-
-@njit(**_inline)
-def _poly5(x, c):
-    "c[0] + c[1] x + ... + c[5] x^5 (Estrin)."
-    x2 = x*x
-    return (c[0] + c[1]*x) + (c[2] + c[3]*x)*x2 + (c[4] + c[5]*x)*(x2*x2)
-
-# %% ../nbs/10_lensing.ipynb
-@njit(**_inline)
-def _exp4(x):
-    "float32 exp(x) to 1e-7 relative for -87 <= x <= 88; 0 below."
-    tiny = x < _f4(-87.)
-    x = min(max(x, _f4(-87.)), _f4(88.))
-    k = np.floor(x*_LOG2E4 + _FH)
-    r = x - k*_LN2_HI4 - k*_LN2_LO4
-    return _F0 if tiny else _poly8(r, _EXP_C4)*_from_bits4((_i4(k) + _i4(127)) << _i4(23))
-
-@njit(**_inline)
-def _log4(x):
-    "float32 natural log of a normal x > 0, to 1e-7."
-    b = _bits4(x)
-    f = _from_bits4((b & _i4(0x007FFFFF)) | _i4(0x3F800000))
-    big = f > _f4(math.sqrt(2))
-    f = f*_FH if big else f
-    m = _f4((b >> _i4(23)) - _i4(127)) + (_F1 if big else _F0)
-    s = (f - _F1)/(f + _F1)
-    return _F2*s*_poly5(s*s, _ATANH_C4) + m*_LN2_4
-
-@njit(**_inline)
-def _atanh4(y):
-    "float32 artanh(y), |y| < 1: the series near 0 (relative precision kept), 1/2 log((1+y)/(1-y)) beyond."
-    a = abs(y)
-    r = a*_poly5(a*a, _ATANH_C4) if a <= _f4(0.1716) else _FH*_log4((_F1 + a)/(_F1 - a))
-    return _f4(math.copysign(r, y))
-
-@njit(**_inline)
-def _atan4(x):
-    "float32 arctan(x) to 1e-7, the reductions of `_atan`."
-    a = abs(x)
-    inv = a > _F1
-    a = min(a, _F1/a)
-    red = a > _f4(_TAN_PI12)
-    a = (a*_f4(_SQRT3) - _F1)/(a + _f4(_SQRT3)) if red else a
-    r = a*_poly5(a*a, _ATAN_C4) + (_f4(math.pi/6) if red else _F0)
-    r = _f4(math.pi/2) - r if inv else r
-    return _f4(math.copysign(r, x))
-
-@njit(**_inline)
-def _sie_shear_ray4(dx, dy, c, s, q, e, f, g1, g2):
-    "float32 `_sie_shear_ray` (all arguments float32)."
-    xr = c*dx + s*dy; yr = c*dy - s*dx
-    w = e/max(math.sqrt(q*q*xr*xr + yr*yr), _TINY4)
-    ax = _atan4(xr*w); ay = _atanh4(yr*w)
-    return dx*(_F1 - g1) - dy*g2 - f*(c*ax - s*ay), dy*(_F1 + g1) - dx*g2 - f*(s*ax + c*ay)
 
 # %% ../nbs/10_lensing.ipynb
 def hessian(x, y, lens:Lens):

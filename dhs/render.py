@@ -10,7 +10,8 @@ import numpy as np
 import math
 from numba import njit
 from scipy.special import gammaincinv, gamma as gamma_fn
-from .lensing import Lens, check_lens, _ray_core, _lens_table, _sie_shear_ray, _sie_shear_ray4, _exp4, _log4, _TINY4, _jit, _inline
+from .lensing import Lens, check_lens, ray_core
+from .fastmath import lens_table, sie_shear_ray, sie_shear_ray_f32, exp_f32, log_f32, TINY_F32, JIT, INLINE
 from .sources import Source, SersicSource
 from scipy.special import erf
 from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA
@@ -51,7 +52,7 @@ _F = np.float32
 _CHUNK_ELEMS = 24576  # rays per array: float32 temporaries below glibc's 128 KiB mmap threshold avoid page faults (measured: 2-5x)
 
 def _lens_consts(lenses:list, dt=_F):
-    "SIE + shear constants of B lenses as (B, 1) columns for `_ray_core`, and the (B, 7) parameter table."
+    "SIE + shear constants of B lenses as (B, 1) columns for `ray_core`, and the (B, 7) parameter table."
     L = np.array([tuple(l) for l in lenses], dtype=np.float64).reshape(-1, 7)
     th, q, phi, g1, g2 = L[:, 0], L[:, 1], L[:, 2], L[:, 3], L[:, 4]
     e = np.sqrt(np.maximum((1 - q)*(1 + q), 1e-8))
@@ -72,19 +73,19 @@ def _sersic_table(sources:list, lens_xy)->np.ndarray:
     return np.stack([S[:, 4] - lens_xy[:, 0], S[:, 5] - lens_xy[:, 1], np.cos(phi), np.sin(phi),
                      q/re**2, 1/(q*re**2), 0.5/n, bn, ie], 1)
 
-@njit(**_inline)
+@njit(**INLINE)
 def _sersic_sb4(bx, by, x, y, c, s, a, b, k, bn, ie):
     "Unit-flux Sérsic [1/arcsec^2] at source-plane (bx, by); centre (x, y) [arcsec], constants of `_sersic_table` (all float32)."
     dx = bx - x; dy = by - y
     u = c*dx + s*dy; v = c*dy - s*dx
-    return ie*_exp4(bn - bn*_exp4(k*_log4(max(a*u*u + b*v*v, _TINY4))))  # b_n (R/R_e)^(1/n) from R^2
+    return ie*exp_f32(bn - bn*exp_f32(k*log_f32(max(a*u*u + b*v*v, TINY_F32))))  # b_n (R/R_e)^(1/n) from R^2
 
-@njit(**_jit)
+@njit(**JIT)
 def _sersic_rays(X, Y, m:int, lk, sk, out, BX, BY):
-    "out[:m] = unit-flux Sérsic (`_sersic_table` row sk) of rays X, Y [arcsec from the lens centre] through `_lens_table` row lk (BX, BY: scratch; all float32)."
+    "out[:m] = unit-flux Sérsic (`_sersic_table` row sk) of rays X, Y [arcsec from the lens centre] through `lens_table` row lk (BX, BY: scratch; all float32)."
     c, s, q, e, f, g1, g2 = lk[0], lk[1], lk[2], lk[3], lk[4], lk[5], lk[6]
     x, y, sc, ss, a, b, k, bn, ie = sk[0], sk[1], sk[2], sk[3], sk[4], sk[5], sk[6], sk[7], sk[8]
-    for i in range(m): BX[i], BY[i] = _sie_shear_ray4(X[i], Y[i], c, s, q, e, f, g1, g2)
+    for i in range(m): BX[i], BY[i] = sie_shear_ray_f32(X[i], Y[i], c, s, q, e, f, g1, g2)
     for i in range(m): out[i] = _sersic_sb4(BX[i], BY[i], x, y, sc, ss, a, b, k, bn, ie)  # two loops: 20% faster (shorter chains)
 
 # %% ../nbs/14_render.ipynb
@@ -94,18 +95,18 @@ def _angle_grid(n_angle:int=1024):
     t = np.linspace(0, 2*np.pi, n_angle + 1)
     return t, np.cos(t), np.sin(t)
 
-@njit(**_jit)
+@njit(**JIT)
 def _image_condition(xs:float, ys:float, lk, ct, st, g, r):
     "(w x n, w . n) of a point source (xs, ys) [arcsec from the lens centre] at angles (ct, st), into g and r."
     c, s, q, e, f, g1, g2 = lk[0], lk[1], lk[2], lk[3], lk[4], lk[5], lk[6]
     d = 1 - g1*g1 - g2*g2
     for j in range(ct.size):
-        bx, by = _sie_shear_ray(ct[j], st[j], c, s, q, e, f, 0., 0.)
+        bx, by = sie_shear_ray(ct[j], st[j], c, s, q, e, f, 0., 0.)
         ax = xs + ct[j] - bx; ay = ys + st[j] - by  # beta + alpha(n)
         wx = ((1 + g1)*ax + g2*ay)/d; wy = (g2*ax + (1 - g1)*ay)/d
         g[j] = wx*st[j] - wy*ct[j]; r[j] = wx*ct[j] + wy*st[j]
 
-@njit(**_jit)
+@njit(**JIT)
 def _images_compiled(xs, ys, Lt, cfg, t, ct, st):
     "Images of point sources (xs, ys) [arcsec from their lens centre] through lenses `cfg` of `Lt`: (row, x, y)."
     K, na = xs.size, ct.size
@@ -162,7 +163,7 @@ def _coarse(evaluate, lc:dict, L, n:int, p:float, shift_x, shift_y):
         X, Y = np.empty((nr, R), _F), np.empty((nr, R), _F)
         np.subtract(ox[:m0]*_F(p), shift_x[rows, None], out=X[:, :m0]); np.subtract(oy[:m0]*_F(p), shift_y[rows, None], out=Y[:, :m0])
         np.multiply(ox[m0:], rho[rows, None], out=X[:, m0:]); np.multiply(oy[m0:], rho[rows, None], out=Y[:, m0:])
-        vals = evaluate(*_ray_core(X, Y, **{k: c[rows] for k, c in lc.items()}), rows)  # (nr, n_bands, rays)
+        vals = evaluate(*ray_core(X, Y, **{k: c[rows] for k, c in lc.items()}), rows)  # (nr, n_bands, rays)
         c, k = vals[..., :n*n], vals[..., n*n:n*n + m].reshape(nr, -1, n + 1, n + 1)
         m4 = k[..., :-1, :-1] + k[..., 1:, :-1]; m4 += k[..., :-1, 1:]; m4 += k[..., 1:, 1:]; m4 *= 0.25
         m4 = m4.reshape(nr, -1, n*n)
@@ -179,7 +180,7 @@ def _cut_circle(k:int=64):
     t = np.linspace(0, 2*np.pi, k, endpoint=False)
     return np.cos(t), np.sin(t)
 
-@njit(**_jit)
+@njit(**JIT)
 def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
     "First pass of B Sérsic stamps: Simpson estimates (B, n*n), their errors (B, n*n), brightness on the cut (B,)."
     B, n1, h = Lt.shape[0], n + 1, n//2
@@ -202,7 +203,7 @@ def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
     return v, err, cut
 
 # %% ../nbs/14_render.ipynb
-@njit(**_jit)
+@njit(**JIT)
 def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_y, v, n_rays):
     "Overwrite v (B, n*n) with s x s midpoint means where level (B, n*n) = s >= min_level; add the rays to n_rays (B,)."
     cap = max(16384, int(level.max())**2); h = n//2
@@ -231,7 +232,7 @@ def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_
             n_rays[b] += fill
 
 # %% ../nbs/14_render.ipynb
-@njit(**_jit)
+@njit(**JIT)
 def _sub_grid_sizes(err, tol_pix, max_supersample:int):
     "Sub-grid size s = ceil(sqrt(err / tol)) per pixel, capped at max_supersample: (B, n*n) from errors (B, n*n), tolerances (B,)."
     level = np.empty(err.shape, np.int64)
@@ -259,7 +260,7 @@ def _levels(err, v, cut, images, L, n:int, p:float, dx, dy, peak_T, max_supersam
 def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, supersample=None,
                  max_supersample:int=16, tol:float=1e-3, margin:float=0.3, max_rays:int=2**20):
     "Pixel-mean surface brightness (B, n_bands, n, n), rays per stamp (B,), images of the first centre (B,); `evaluate`: a callable or a `_sersic_table`."
-    B, x0, y0, Lt = len(L), L[:, 5], L[:, 6], _lens_table(L)
+    B, x0, y0, Lt = len(L), L[:, 5], L[:, 6], lens_table(L)
     shift_x, shift_y = dx*p + x0, dy*p + y0  # ray = offset * p - shift, from the lens centre
     mult, v, n_rays, images, sersic = np.zeros(B, int), None, np.zeros(B, np.int64), None, isinstance(evaluate, np.ndarray)
     if centres is not None:
@@ -284,7 +285,7 @@ def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, 
             idx = todo[:max(1, np.searchsorted(np.cumsum(level[b, todo]**2), max_rays))]
             todo = todo[len(idx):]
             X, Y, starts, cnt = _refine_rays(level[b], idx, float(shift_x[b]), float(shift_y[b]), p, n)
-            vals = evaluate(*_ray_core(X, Y, **_take(lc, b)), int(b))  # (n_bands, rays)
+            vals = evaluate(*ray_core(X, Y, **_take(lc, b)), int(b))  # (n_bands, rays)
             if v is None: v = np.zeros((B, vals.shape[0], n*n), _F)
             v[b][:, idx] = np.add.reduceat(vals, starts, axis=-1, dtype=np.float64)/cnt
             n_rays[b] += len(X)
