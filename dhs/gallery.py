@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import matplotlib
 from matplotlib.figure import Figure
+import pandas as pd
+from .core import atomic_path
 
 # %% auto 0
-__all__ = ['stretch_limits', 'asinh_rgb', 'stamp_gallery']
+__all__ = ['stretch_limits', 'asinh_rgb', 'stamp_gallery', 'table_gallery']
 
 # %% ../nbs/46_gallery.ipynb
 def stretch_limits(stamp:np.ndarray)->tuple[float, float]:
@@ -49,3 +51,14 @@ def stamp_gallery(stamps:np.ndarray,        # (n, 3, N, N) stamps [nmgy]
     if suptitle: fig.suptitle(suptitle, fontsize=8)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/46_gallery.ipynb
+def table_gallery(stamps_uri:str, table:pd.DataFrame, path, title:str, label, flag_column:str='known_lens_name'):
+    "Gallery PNG of the rows of `table` (in order) from their stamps; rows with a value in `flag_column` framed in red."
+    from dhs.stamps import read_stamps
+    ids = table['task_id'].tolist()
+    img, meta = read_stamps(stamps_uri, ['task_id'], filters=[('task_id', 'in', ids)] if ids else None)
+    order = [int(np.flatnonzero(meta.task_id.to_numpy() == t)[0]) for t in ids]
+    fig = stamp_gallery(img[order], [label(r) for r in table.itertuples()], table[flag_column].notna().to_numpy() if flag_column in table else None, suptitle=title)
+    with atomic_path(path) as tmp: fig.savefig(tmp, dpi=110, format='png')
+    return path

@@ -20,7 +20,7 @@ from .core import config_dict, provenance, write_json, atomic_path
 from .lensing import Lens, ray_shoot
 from .metrics import auroc, psf_fwhm_r
 from .psf import gaussian_kernel, convolve
-from .selection import latex_table, latex_escape
+from .tables import latex_table, latex_escape
 from .sources import sersic_sb, mag_to_nmgy
 from .stamps import read_stamps, encode_stamps
 

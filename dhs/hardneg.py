@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import provenance, write_json, local_path
-from .search import truth_classes, _write_table, gallery
+from .selection import truth_classes
+from .tables import write_table
+from .gallery import table_gallery
 
 # %% auto 0
 __all__ = ['HardNegConfig', 'check_splits', 'mine', 'score_pool', 'with_truth', 'run_hardneg', 'main']
@@ -73,10 +75,10 @@ def run_hardneg(cfg:HardNegConfig, log=print)->dict:
     pool = score_pool(cfg)
     if not len(pool): raise ValueError(f'{cfg.scores_uri or cfg.stamps_uri}: no controls in splits {cfg.splits} to mine')
     neg = with_truth(mine(pool, cfg.n_top, cfg.min_score, cfg.splits), cfg.parent_uri, cfg.truth_uri)
-    _write_table(neg, out/'hard_negatives', dict(config=cfg, phase='hard-negatives'))
+    write_table(neg, out/'hard_negatives', dict(config=cfg, phase='hard-negatives'))
     if len(neg) and cfg.stamps_uri:
         g = neg.head(cfg.gallery_n).assign(known_lens_name=None)
-        gallery(cfg.stamps_uri, g, out/'hard_negatives_gallery.png', f'top {len(g)} hard negatives of {len(pool)} controls',
+        table_gallery(cfg.stamps_uri, g, out/'hard_negatives_gallery.png', f'top {len(g)} hard negatives of {len(pool)} controls',
                 lambda r: f'{r.region_split} {r.score:.3f}' + (f'\n{r.truth_class}' if 'truth_class' in g else ''))
     summary = provenance(cfg, phase='hard-negatives', n_pool=len(pool), n_pool_hosts=int(pool.host_id.nunique()), n_negatives=len(neg),
                          by_split=neg.region_split.value_counts().to_dict(), score_min=float(neg.score.min()) if len(neg) else None,

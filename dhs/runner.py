@@ -319,7 +319,7 @@ def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='ba
 
 def comparison_latex(table:pd.DataFrame, fprs=HEADLINE_FPRS, caption:str='', label:str='tab:ablation')->str:
     "A booktabs LaTeX table (MNRAS-friendly, `\\usepackage{booktabs}`): AUROC, pAUC, TPR [interval] and N_FP/N_neg at the headline FPRs."
-    from dhs.selection import latex_escape, latex_sci, fmt_interval
+    from dhs.tables import latex_escape, latex_sci, fmt_interval
     fprs = [f for f in fprs if f'tpr@{f:g}' in table]
     head = ['Variant', 'Factor', 'AUROC', r'pAUC$_{10^{-2}}$', *[rf'TPR at {latex_sci(f)}' for f in fprs],
             *[rf'$N_\mathrm{{FP}}/N_\mathrm{{neg}}$ at {latex_sci(f)}' for f in fprs], 'Gates']

@@ -14,14 +14,16 @@ import pyarrow.parquet as pq
 from .core import provenance, write_json, is_local, local_path, uri_join, atomic_path
 from .manifest import DrawConfig, draw_task, depth5_mag, healpix_region
 from .inject import InjectConfig, run_inject, run_group, brick_groups, group_file, _check_output, _prepare_out
+from .tables import write_table
+from .selection import truth_classes
+from .gallery import table_gallery
 from .metrics import fit_thresholds, clopper_pearson, labels_from_meta, DEFAULT_FPRS
 from .survey import BrickImages, SurveyFileError
 
 # %% auto 0
 __all__ = ['NEUTRAL_HOST', 'CANDIDATE_COLUMNS', 'SearchConfig', 'uncached_bricks', 'ensure_cached', 'host_splits', 'search_tasks',
-           'make_stamps', 'score_tasks', 'rank_by_score', 'truth_classes', 'operating_thresholds', 'fpr_column',
-           'footprint_lenses', 'known_lens_tasks', 'recovery_by_grade', 'gallery', 'search_hosts', 'search_known',
-           'run_search', 'main']
+           'make_stamps', 'score_tasks', 'rank_by_score', 'operating_thresholds', 'fpr_column', 'footprint_lenses',
+           'known_lens_tasks', 'recovery_by_grade', 'search_hosts', 'search_known', 'run_search', 'main']
 
 # %% ../nbs/43_search.ipynb
 @dataclass
@@ -139,18 +141,6 @@ def rank_by_score(df:pd.DataFrame)->pd.DataFrame:
     return d
 
 # %% ../nbs/43_search.ipynb
-def truth_classes(hosts:pd.DataFrame, truth:pd.DataFrame)->pd.DataFrame:
-    "truth_class and truth_is_lens of each host (brickname, objid) from a mock sky truth table; index of `hosts`."
-    own = truth[truth['objid'] >= 0].drop_duplicates(['brickname', 'objid']).set_index(['brickname', 'objid'])
-    feats = truth[truth['host_objid'] >= 0]
-    lens = set(map(tuple, feats.loc[feats['is_lens'], ['brickname', 'host_objid']].to_numpy())) | \
-           set(map(tuple, own.index[own['is_lens'].to_numpy()]))
-    fcls = feats[~feats['is_lens']].groupby(['brickname', 'host_objid'])['cls'].agg(lambda c: '+'.join(sorted(set(c))))
-    keys = list(zip(hosts['brickname'], hosts['objid'].astype(int)))
-    cls = [('lens' if k in lens else fcls.get(k) or (own['cls'].get(k) if k in own.index else None) or 'unknown') for k in keys]
-    return pd.DataFrame({'truth_class': cls, 'truth_is_lens': [k in lens for k in keys]}, index=hosts.index)
-
-# %% ../nbs/43_search.ipynb
 def operating_thresholds(cfg:SearchConfig)->pd.DataFrame:
     "target_fpr, threshold (and validation counts when fitted) from `cfg.thresholds` or `cfg.val_scores_uri`."
     if cfg.thresholds: return pd.DataFrame({'target_fpr': [float(k) for k in cfg.thresholds], 'threshold': [float(v) for v in cfg.thresholds.values()]})
@@ -233,25 +223,6 @@ def _flags(df:pd.DataFrame, th:pd.DataFrame)->pd.DataFrame:
     return df
 
 # %% ../nbs/43_search.ipynb
-def _write_table(df:pd.DataFrame, stem:Path, info:dict):
-    "Parquet (provenance in its metadata) and CSV of a result table."
-    t = pa.Table.from_pandas(df, preserve_index=False)
-    t = t.replace_schema_metadata({**(t.schema.metadata or {}), b'dhs_provenance': json.dumps(provenance(**info), default=str).encode()})
-    with atomic_path(stem.with_suffix('.parquet')) as tmp: pq.write_table(t, tmp)
-    with atomic_path(stem.with_suffix('.csv')) as tmp: df.to_csv(tmp, index=False)
-
-def gallery(stamps_uri:str, table:pd.DataFrame, path:Path, title:str, label)->Path:
-    "Gallery PNG of the rows of `table` (in order) from their stamps, lenscat matches framed in red."
-    from dhs.stamps import read_stamps
-    from dhs.gallery import stamp_gallery
-    ids = table['task_id'].tolist()
-    img, meta = read_stamps(stamps_uri, ['task_id'], filters=[('task_id', 'in', ids)] if ids else None)
-    order = [int(np.flatnonzero(meta.task_id.to_numpy() == t)[0]) for t in ids]
-    fig = stamp_gallery(img[order], [label(r) for r in table.itertuples()], table['known_lens_name'].notna().to_numpy(), suptitle=title)
-    with atomic_path(path) as tmp: fig.savefig(tmp, dpi=110, format='png')
-    return path
-
-# %% ../nbs/43_search.ipynb
 def search_hosts(cfg:SearchConfig, hosts:pd.DataFrame, th:pd.DataFrame, spark=None)->pd.DataFrame:
     "Stamps, scores, ranks (and truth) of the parent hosts: the candidate table."
     out = Path(cfg.out_uri)
@@ -291,14 +262,14 @@ def run_search(cfg:SearchConfig, spark=None, log=print)->dict:
     th.to_csv(out/'thresholds.csv', index=False)
     cand = search_hosts(cfg, hosts, th, spark)
     info = dict(config=cfg, phase='search')
-    _write_table(cand, out/'candidates', info)
+    write_table(cand, out/'candidates', info)
     top = cand[cand.score.notna()].head(cfg.top_n)
     label = lambda r: f'#{r.rank} {r.score:.3f}' + (f'\n{r.known_lens_name}' if isinstance(r.known_lens_name, str) else '')
-    if len(top): gallery(str(out/'search'/'stamps'), top, out/'candidates_gallery.png', f'top {len(top)} of {cand.score.notna().sum()} hosts', label)
+    if len(top): table_gallery(str(out/'search'/'stamps'), top, out/'candidates_gallery.png', f'top {len(top)} of {cand.score.notna().sum()} hosts', label)
     known, rec = search_known(cfg, hosts, th, spark) if cfg.known_lenses else (pd.DataFrame(), pd.DataFrame())
     if len(known):
-        _write_table(known, out/'known_lenses', info); rec.to_csv(out/'known_lens_recovery.csv', index=False)
-        gallery(str(out/'known'/'stamps'), known.assign(known_lens_name=known.lens_name), out/'known_lenses_gallery.png', 'lenscat lenses in the footprint',
+        write_table(known, out/'known_lenses', info); rec.to_csv(out/'known_lens_recovery.csv', index=False)
+        table_gallery(str(out/'known'/'stamps'), known.assign(known_lens_name=known.lens_name), out/'known_lenses_gallery.png', 'lenscat lenses in the footprint',
                 lambda r: f'{r.lens_name[:18]}\n{r.known_lens_grading} {r.score:.3f}')
     summary = provenance(cfg, phase='search', n_hosts=len(hosts), n_bricks=int(hosts.brickname.nunique()), n_scored=int(cand.score.notna().sum()),
                          n_failed=int((cand.cutout_ok != 1).sum()), thresholds=th.to_dict('records'),

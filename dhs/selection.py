@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 from .core import atomic_path, provenance
 from .manifest import depth5_mag
 from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r, theta_over_psf
+from .tables import latex_escape, latex_sci, fmt_interval, latex_table
 
 # %% auto 0
 __all__ = ['AXES', 'COMPLETENESS_AXES', 'FPR_AXES', 'SURFACES', 'Axis', 'depth5_r', 'axis_values', 'bin_index', 'binned_rate',
-           'with_truth_class', 'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface', 'load_surface',
-           'surface_grid', 'apply_surface', 'main', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table',
-           'rate_table_latex', 'tpr_table_latex', 'write_tables']
+           'truth_classes', 'with_truth_class', 'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface',
+           'load_surface', 'surface_grid', 'apply_surface', 'main', 'rate_table_latex', 'tpr_table_latex',
+           'write_tables']
 
 # %% ../nbs/41_selection.ipynb
 @dataclass(frozen=True)
@@ -88,9 +89,20 @@ def binned_rate(values, hits, edges=None, cl:float=DEFAULT_CL)->pd.DataFrame:
     return out
 
 # %% ../nbs/41_selection.ipynb
+def truth_classes(hosts:pd.DataFrame, truth:pd.DataFrame)->pd.DataFrame:
+    "truth_class and truth_is_lens of each host (brickname, objid) from a mock sky truth table; index of `hosts`."
+    own = truth[truth['objid'] >= 0].drop_duplicates(['brickname', 'objid']).set_index(['brickname', 'objid'])
+    feats = truth[truth['host_objid'] >= 0]
+    lens = set(map(tuple, feats.loc[feats['is_lens'], ['brickname', 'host_objid']].to_numpy())) | \
+           set(map(tuple, own.index[own['is_lens'].to_numpy()]))
+    fcls = feats[~feats['is_lens']].groupby(['brickname', 'host_objid'])['cls'].agg(lambda c: '+'.join(sorted(set(c))))
+    keys = list(zip(hosts['brickname'], hosts['objid'].astype(int)))
+    cls = [('lens' if k in lens else fcls.get(k) or (own['cls'].get(k) if k in own.index else None) or 'unknown') for k in keys]
+    return pd.DataFrame({'truth_class': cls, 'truth_is_lens': [k in lens for k in keys]}, index=hosts.index)
+
+# %% ../nbs/41_selection.ipynb
 def with_truth_class(df:pd.DataFrame, truth:pd.DataFrame)->pd.DataFrame:
     "`df` with `truth_class` and `truth_is_lens` of each row's host from a mock sky truth table."
-    from dhs.search import truth_classes
     if not {'host_id', 'brickname'} <= set(df): raise KeyError('need host_id and brickname to find each row in the truth table')
     objid = pd.to_numeric(df['host_id'].astype(str).str.rsplit('_', n=1).str[-1], errors='coerce')
     if objid.isna().any(): raise ValueError(f'host_id {df.host_id[objid.isna()].iloc[0]!r}: expected RELEASE_BRICKID_OBJID')
@@ -245,38 +257,6 @@ def main(argv:list|None=None)->int:
         else: out.to_csv(tmp, index=False)
     print(json.dumps(dict(out=str(dest), **summary), default=float))
     return 0
-
-# %% ../nbs/41_selection.ipynb
-def latex_escape(text)->str:
-    "Escape LaTeX special characters in plain text (not in math); comparison signs become math."
-    out = str(text).replace('\\', '\0')
-    for a, b in (('&', r'\&'), ('%', r'\%'), ('$', r'\$'), ('#', r'\#'), ('_', r'\_'), ('{', r'\{'), ('}', r'\}'),
-                 ('~', r'\textasciitilde{}'), ('^', r'\textasciicircum{}'), ('>=', '\1'), ('<=', '\2'), ('<', '$<$'), ('>', '$>$')):
-        out = out.replace(a, b)
-    return out.replace('\0', r'\textbackslash{}').replace('\1', r'$\geq$').replace('\2', r'$\leq$')
-
-def latex_sci(x:float, digits:int=1)->str:
-    "A number as LaTeX scientific notation, e.g. $1.5\\times10^{-3}$; $0$ for zero."
-    if x == 0: return '$0$'
-    e = int(np.floor(np.log10(abs(x)))); m = x / 10**e
-    if round(m, digits) == 10: m, e = m / 10, e + 1
-    return f'$10^{{{e}}}$' if round(m, digits) == 1 else f'${m:.{digits}f}\\times10^{{{e}}}$'
-
-def fmt_interval(value, lo, hi, digits:int=2)->str:
-    "$a^{+b}_{-c}$ from a value and its interval; '--' when the value is missing."
-    if value is None or not np.isfinite(value): return '--'
-    return f'${value:.{digits}f}^{{+{max(hi - value, 0):.{digits}f}}}_{{-{max(value - lo, 0):.{digits}f}}}$'
-
-# %% ../nbs/41_selection.ipynb
-def latex_table(header:list, rows:list, caption:str, label:str, align:str|None=None, notes:str='')->str:
-    "An MNRAS-style table: table > caption, label, tabular with \\hline rules; cells are LaTeX already."
-    align = align or 'l' + 'c' * (len(header) - 1)
-    if any(len(r) != len(header) for r in rows): raise ValueError(f'every row needs {len(header)} cells (the header has {len(header)})')
-    body = [' & '.join(map(str, r)) + r' \\' for r in rows]
-    lines = [r'\begin{table}', r'\centering', rf'\caption{{{caption}}}', rf'\label{{{label}}}', rf'\begin{{tabular}}{{{align}}}',
-             r'\hline', ' & '.join(header) + r' \\', r'\hline', *body, r'\hline', r'\end{tabular}']
-    if notes: lines.append(rf'\\[2pt]{{\footnotesize {notes}}}')
-    return '\n'.join(lines + [r'\end{table}']) + '\n'
 
 # %% ../nbs/41_selection.ipynb
 def _bin_cell(row, digits:int)->str:
