@@ -13,18 +13,18 @@ import pyarrow.parquet as pq
 import fsspec
 import torch
 from .core import task_rng, task_seed, seed_to_int64
-from .stamps import decode_stamps, decode_npz, encode_stamps, encode_npz
+from .stamps import decode_stamps, decode_npz, encode_stamps, encode_npz, theta_over_psf
 from .sources import sersic_sb, mag_to_nmgy, band_fluxes_from_mag
-from .psf import gaussian_kernel, convolve, FWHM_PER_SIGMA
+from .psf import gaussian_kernel, convolve, FWHM_PER_SIGMA, gaussian_nea_pix, pixel_noise_sigma
+from .survey import depth5_ivar, depth5_mag
 from .lensing import Lens, ray_shoot, sample_source_position
 
 # %% auto 0
-__all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'CONDITION_COLUMNS', 'depth5_to_psfdepth', 'gaussian_nea_pix', 'pixel_sigma',
-           'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',
-           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
-           'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual',
-           'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power',
-           'draw_conditions', 'degrade', 'prepare_batch']
+__all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'CONDITION_COLUMNS', 'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet',
+           'StampIndex', 'build_index', 'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array',
+           'StampDataset', 'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip',
+           'radial_residual', 'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch',
+           'kernel_power', 'draw_conditions', 'degrade', 'prepare_batch']
 
 # %% ../nbs/30_data.ipynb
 PIXSCALE = 0.262  # DECaLS pixel scale [arcsec/pixel]
@@ -45,26 +45,13 @@ def _downsample(img:np.ndarray, k:int)->np.ndarray:
 _SYNTH_PSF_MEDIAN_R, _SYNTH_DEPTH5 = 1.3, {'g': 24.9, 'r': 24.4, 'z': 23.5}  # DESIGN.md: DR10-like seeing and depths
 _BAND_SEEING = {'g': 1.06, 'r': 1.0, 'z': 0.93}   # FWHM ~ lambda^-0.2 relative to r (480, 640, 920 nm)
 
-def depth5_to_psfdepth(mag5):
-    "5-sigma point-source magnitude -> psfdepth (inverse variance of the PSF flux) [1/nmgy^2]."
-    return 25.0 / mag_to_nmgy(mag5) ** 2
-
-def gaussian_nea_pix(psf_fwhm_arcsec):
-    "Noise-equivalent area [pixels^2] of a pixel-integrated Gaussian PSF: 4 pi (s^2 + 1/12), s its sigma in pixels."
-    s = psf_fwhm_arcsec / FWHM_PER_SIGMA / PIXSCALE
-    return 4 * math.pi * (s ** 2 + 1 / 12)
-
-def pixel_sigma(psf_fwhm_arcsec, psfdepth):
-    "Per-pixel sky noise [nmgy] of a Gaussian PSF from the point-source depth: psfdepth = 1 / (sigma^2 NEA)."
-    return 1.0 / np.sqrt(np.asarray(psfdepth) * gaussian_nea_pix(np.asarray(psf_fwhm_arcsec)))
-
 # %% ../nbs/30_data.ipynb
 def _draw_conditions(rng):
     "Per-band PSF FWHM [arcsec] and psfdepth [1/nmgy^2] from DR10-like distributions."
     seeing = float(np.clip(_SYNTH_PSF_MEDIAN_R * np.exp(0.18 * rng.normal()), 0.9, 2.0))
     offset = 0.3 * rng.normal()                       # a common depth offset (same exposures), small band jitter
     fwhm = {b: seeing * f for b, f in _BAND_SEEING.items()}
-    depth = {b: float(depth5_to_psfdepth(m + offset + 0.1 * rng.normal())) for b, m in _SYNTH_DEPTH5.items()}
+    depth = {b: float(depth5_ivar(m + offset + 0.1 * rng.normal())) for b, m in _SYNTH_DEPTH5.items()}
     return fwhm, depth
 
 def _render_host(rng, size, fwhm):
@@ -109,10 +96,10 @@ def _render_row(i:int, seed:int, size:int, prev:dict|None, paired_frac:float)->d
     else:
         fwhm, depth = _draw_conditions(rng)
         host, hp = _render_host(rng, size, fwhm)
-        sig = np.array([pixel_sigma(fwhm[b], depth[b]) for b in 'grz'])
+        sig = np.array([pixel_noise_sigma(fwhm[b], depth[b]) for b in 'grz'])
         noise = rng.normal(size=host.shape) * sig[:, None, None]
     arc, ap = _render_arc(rng, size, fwhm, hp['mag_r'])
-    invvar = 1.0 / np.array([pixel_sigma(fwhm[b], depth[b]) for b in 'grz']) ** 2
+    invvar = 1.0 / np.array([pixel_noise_sigma(fwhm[b], depth[b]) for b in 'grz']) ** 2
     snr = np.sqrt((arc ** 2 * invvar[:, None, None]).sum(axis=(1, 2)))
     img = (host + noise + (0 if control else arc)).astype('f4')
     return dict(tid=tid, i=i, control=control, paired=paired, fwhm=fwhm, depth=depth, host=host, hp=hp, noise=noise,
@@ -169,19 +156,12 @@ FILTER_COLUMNS = ('region_split', 'is_control', 'cutout_ok', 'theta_e_arcsec', '
                   'psfsize_r', 'arc_snr', 'source_kind', 'control_kind')
 
 # %% ../nbs/30_data.ipynb
-def _theta_over_psf(df:pd.DataFrame)->np.ndarray:
-    "theta_E / PSF FWHM from `theta_over_psf`, or theta_e_arcsec over psf_fwhm_used_r (else psfsize_r)."
-    if 'theta_over_psf' in df: return df['theta_over_psf'].to_numpy(float)
-    psf = df['psf_fwhm_used_r'].to_numpy(float) if 'psf_fwhm_used_r' in df else np.full(len(df), np.nan)
-    if 'psfsize_r' in df: psf = np.where(np.isfinite(psf) & (psf > 0), psf, df['psfsize_r'].to_numpy(float))
-    return df['theta_e_arcsec'].to_numpy(float) / psf
-
 def select_rows(df:pd.DataFrame, splits:list|None, f:Filters)->np.ndarray:
     "Boolean mask of the rows of `df` in `splits` (None: all) that pass the filters."
     keep = np.ones(len(df), bool)
     if splits is not None: keep &= df['region_split'].isin(list(splits)).to_numpy()
     if f.require_ok and 'cutout_ok' in df: keep &= df['cutout_ok'].to_numpy() == 1
-    if f.min_theta_over_psf > 0: keep &= _theta_over_psf(df) >= f.min_theta_over_psf     # NaN fails: unknown is not kept
+    if f.min_theta_over_psf > 0: keep &= theta_over_psf(df).to_numpy() >= f.min_theta_over_psf     # NaN fails: unknown is not kept
     if f.min_arc_snr > 0: keep &= df['arc_snr'].to_numpy(float) >= f.min_arc_snr
     if f.source_kinds: keep &= df['source_kind'].isin(list(f.source_kinds)).to_numpy()
     if f.control_kinds: keep &= (df['is_control'].to_numpy() == 0) | df['control_kind'].isin(list(f.control_kinds)).to_numpy()
@@ -565,7 +545,7 @@ def draw_conditions(n:int, a:Augment, gen:torch.Generator)->tuple[torch.Tensor, 
     z = torch.randn(n, 3, generator=gen, device=gen.device)
     fwhm_r = (a.degrade_seeing_r * torch.exp(a.degrade_seeing_sigma * z[:, 0])).clamp(0.8, 2.5)
     mag5 = _DEPTH5_MEDIAN.to(z.device) + 0.3 * z[:, 1:2] + 0.1 * z[:, 2:3]
-    return fwhm_r[:, None] * _SEEING_FACTOR.to(z.device), 25.0 / (10 ** ((22.5 - mag5) / 2.5)) ** 2
+    return fwhm_r[:, None] * _SEEING_FACTOR.to(z.device), depth5_ivar(mag5)
 
 # %% ../nbs/30_data.ipynb
 def degrade(x:torch.Tensor, meta:torch.Tensor, names:list, a:Augment, gen:torch.Generator, dx=None, dy=None):
@@ -580,7 +560,7 @@ def degrade(x:torch.Tensor, meta:torch.Tensor, names:list, a:Augment, gen:torch.
     sk = torch.sqrt((p1 ** 2 - p0 ** 2).clamp(min=0)) / FWHM_PER_SIGMA / PIXSCALE
     zero = torch.zeros(B, device=x.device)
     y = fourier_transform_batch(x, zero if dx is None else dx, zero if dy is None else dy, sk)
-    var = lambda p, d: 1.0 / (d * gaussian_nea_pix(p))                  # per-pixel noise variance [nmgy^2]
+    var = lambda p, d: pixel_noise_sigma(p, d) ** 2                      # per-pixel noise variance [nmgy^2]
     add = torch.where(ok, (var(p1, d1) - var(p0, d0) * kernel_power(sk, n)).clamp(min=0), torch.zeros_like(p1))
     y = y + torch.randn(y.shape, generator=gen, device=gen.device).to(x.device) * add.sqrt()[..., None, None]
     return y, _update_meta(meta, col, p0, p1, d0, d1, C)

@@ -20,7 +20,7 @@ from .lensing import Lens, check_lens, image_positions, stretch
 from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
 from .templates import TemplateBank, TemplateSource, hdf_template_bank
-from .psf import convolve, gaussian_kernel, moffat_fwhm_from_psfsize
+from .psf import convolve, gaussian_kernel, moffat_fwhm_from_psfsize, theta_e_over_psfsize
 from .stamps import encode_npz, encode_stamps, load_contract, stamp_nbytes, write_stamp_table
 
 # %% auto 0
@@ -269,7 +269,7 @@ def write_tiny_sky(base:str|Path,            # folder to write bricks under (DR1
                    source_kinds:dict|None=None, experiment:str='tiny')->pd.DataFrame:
     "Write tiny DR10-layout bricks with LRG-like hosts; return manifest-like tasks (positive + paired control per host)."
     from dhs.survey import brick_wcs, brickname, write_brick_coadds
-    from dhs.manifest import depth5_mag
+    from dhs.survey import depth5_mag
     rng, out, splits = np.random.default_rng(seed), [], ('train', 'test', 'val')
     for i in range(n_bricks):
         ra0, dec0 = 150.125 + 0.25 * i, 1.125
@@ -293,7 +293,7 @@ def _manifest_columns(t:pd.DataFrame, experiment:str)->pd.DataFrame:
     "Columns phase 4a adds after drawing: experiment, grid, lens model, theta_E/PSF, bins."
     t['experiment_id'], t['grid'] = experiment, 'v4_sota'
     t['lens_model'] = np.where(t['is_control'] == 1, 'CONTROL', 'SIE')
-    t['theta_over_psf'] = t['theta_e_arcsec'] / t['psfsize_r']
+    t['theta_over_psf'] = theta_e_over_psfsize(t['theta_e_arcsec'], t['psfsize_r'])
     for b in ('psf_bin', 'depth_bin', 'zmag_bin', 'shape_bin'): t[b] = 0
     return t
 

@@ -12,11 +12,13 @@ import pandas as pd
 from .core import task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join
 from .lensing import Lens, shear_from_polar, sample_source_position
 from .sources import tractor_shape_to_q_phi, ellipticity_to_q, draw_source_colours
+from .survey import depth5_mag
+from .psf import theta_e_over_psfsize
 
 # %% auto 0
 __all__ = ['GRIDS', 'REALISTIC', 'SPLITS', 'BIN_COLUMNS', 'PARAM_SCHEMA', 'grid_configs', 'DrawConfig', 'draw_task',
-           'healpix_region', 'assign_splits', 'depth5_mag', 'assign_bins', 'control_plan', 'ManifestConfig',
-           'run_manifest', 'parse_source_kinds', 'main']
+           'healpix_region', 'assign_splits', 'assign_bins', 'control_plan', 'ManifestConfig', 'run_manifest',
+           'parse_source_kinds', 'main']
 
 # %% ../nbs/21_manifest.ipynb
 GRIDS = {
@@ -123,12 +125,6 @@ def assign_splits(region_hosts:dict, fractions=(0.7, 0.15, 0.15), salt:str='spli
 # %% ../nbs/21_manifest.ipynb
 BIN_COLUMNS = {'psf_bin': 'psfsize_r', 'depth_bin': 'depth5_r', 'zmag_bin': 'mag_z', 'shape_bin': 'shape_r'}
 
-def depth5_mag(ivar)->np.ndarray:
-    "5-sigma AB depth from an inverse-variance depth [1/nmgy^2]; NaN where ivar <= 0."
-    iv = np.asarray(ivar, 'f8')
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(iv > 0, -2.5 * (np.log10(5 / np.sqrt(np.where(iv > 0, iv, 1.0))) - 9), np.nan)
-
 def assign_bins(values, edges)->np.ndarray:
     "Bin index 0..len(edges)-2 of each value given quantile edges (outer edges open)."
     return np.searchsorted(np.asarray(edges)[1:-1], np.asarray(values), side='right').astype('i4')
@@ -172,7 +168,7 @@ class ManifestConfig:
 def _host_bins(spark, hosts, cfg:ManifestConfig):
     "Hosts with region, split-cell key and bins; bin edges (quantiles of the parent sample)."
     from pyspark.sql import functions as F
-    hosts = hosts.withColumn('depth5_r', F.when(F.col('galdepth_r') > 0, -2.5 * (F.log10(5 / F.sqrt('galdepth_r')) - 9)))
+    hosts = hosts.withColumn('depth5_r', F.pandas_udf(lambda iv: pd.Series(depth5_mag(iv.to_numpy())), 'double')('galdepth_r'))
     # exact quantiles (relative error 0), in one pass: Spark's approximate sketch depends on the partitioning, and
     # edges that move between runs would move hosts between control cells and change the unpaired controls
     binned = {b: col for b, col in BIN_COLUMNS.items() if cfg.n_bins[b] > 1}
@@ -245,7 +241,7 @@ def _draw_all(tasks, cfg:ManifestConfig):
             out = pd.concat([pdf, par], axis=1)
             out['experiment_id'], out['grid'] = exp, draw.grid
             out['lens_model'] = np.where(out['is_control'] == 1, 'CONTROL', 'SIE')
-            out['theta_over_psf'] = out['theta_e_arcsec'] / out['psfsize_r'].where(out['psfsize_r'] > 0)
+            out['theta_over_psf'] = theta_e_over_psfsize(out['theta_e_arcsec'], out['psfsize_r'])
             yield out
     return tasks.mapInPandas(go, schema)
 

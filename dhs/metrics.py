@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats, optimize
 from sklearn.metrics import roc_curve, roc_auc_score
+from .stamps import theta_over_psf
 
 # %% auto 0
-__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'TRUTH_CLASSES', 'Population', 'psf_fwhm_r', 'theta_over_psf',
-           'clopper_pearson', 'labels_from_meta', 'roc_table', 'fit_thresholds', 'apply_thresholds', 'tpr_at_fpr',
-           'bootstrap_tpr_at_fpr', 'auroc', 'rates_at_prevalence', 'reliability', 'ece', 'logit', 'sigmoid',
-           'fit_temperature', 'apply_temperature', 'headline', 'evaluate_split', 'synthetic_score_table']
+__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'TRUTH_CLASSES', 'Population', 'psf_fwhm_r', 'clopper_pearson',
+           'labels_from_meta', 'roc_table', 'fit_thresholds', 'apply_thresholds', 'tpr_at_fpr', 'bootstrap_tpr_at_fpr',
+           'auroc', 'rates_at_prevalence', 'reliability', 'ece', 'logit', 'sigmoid', 'fit_temperature',
+           'apply_temperature', 'headline', 'evaluate_split', 'synthetic_score_table']
 
 # %% ../nbs/40_metrics.ipynb
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4, 1e-5)  # the FPRs of the seed's tables
@@ -45,12 +46,6 @@ def psf_fwhm_r(df:pd.DataFrame)->pd.Series:
     for c in ('psf_fwhm_used_r', 'psfsize_r'):
         if c in df: return df[c].astype(float)
     raise KeyError('need a psf_fwhm_used_r or psfsize_r column for the PSF FWHM; the stamp table has them (STAMP_SCHEMA.md)')
-
-def theta_over_psf(df:pd.DataFrame)->pd.Series:
-    "theta_E / FWHM_r: the table's `theta_over_psf` column, else computed from theta_e_arcsec and psf_fwhm_r."
-    if 'theta_over_psf' in df: return df['theta_over_psf'].astype(float)
-    fwhm = psf_fwhm_r(df)
-    return df['theta_e_arcsec'] / fwhm.where(fwhm > 0)
 
 # %% ../nbs/40_metrics.ipynb
 def _select(self, df:pd.DataFrame)->np.ndarray:

@@ -18,7 +18,9 @@ from .core import task_seed, task_rng, atomic_path, write_json, config_dict, con
 from . import survey
 from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, brick_wcs, nearest_pixel
 from .sources import sersic_sb, elliptical_radius, mag_to_nmgy, nmgy_to_mag, q_phi_to_tractor_shape, draw_source_colours
-from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, FWHM_PER_SIGMA
+from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, FWHM_PER_SIGMA, gaussian_nea_pix
+from .survey import depth5_ivar, depth5_mag
+from .parent import desi_lrg_south
 
 # %% auto 0
 __all__ = ['EXTINCTION_COEFFS', 'DEPTH_MEDIAN_MAG', 'MOFFAT_BETA', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC',
@@ -26,18 +28,17 @@ __all__ = ['EXTINCTION_COEFFS', 'DEPTH_MEDIAN_MAG', 'MOFFAT_BETA', 'FIBER_RADIUS
            'PIX', 'BRICK_PLAN_COLUMNS', 'DEPTH_MIXTURE', 'PSF_BAND_RATIO', 'TRUTH_DEFAULTS', 'CATALOGUED_CLASSES',
            'FIELD_MIX', 'FIELD_TYPE', 'SPIRAL_COLOURS', 'HASH_EXCLUDED', 'MOCK_SKY_VERSION', 'MOCK_SIZES',
            'MockSkyConfig', 'lenscat_lenses', 'brick_pixel_offsets', 'choose_lenses', 'lens_brick_pixels',
-           'plan_bricks', 'gaussian_nea_pix', 'depth_mag_to_ivar', 'ivar_to_depth_mag', 'BrickConditions',
-           'draw_conditions', 'smooth_factor', 'coverage_mask', 'BrickMaps', 'draw_maps', 'arc_sb', 'arc_outer_radius',
-           'spiral_modulation', 'sersic_truncation', 'component_sb', 'pixelise', 'psf_kernel', 'fiber_kernel',
-           'moffat_truncation', 'kernel_radius_pix', 'render_point_source', 'component_extent', 'aperture_weights',
-           'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction', 'galaxy_nea_pix', 'desi_lrg_south', 'truth_frame',
-           'draw_lrg_hosts', 'draw_field_galaxies', 'draw_stars', 'draw_contaminants', 'draw_lensed_source',
-           'draw_brick_objects', 'object_components', 'ObjectStamp', 'render_object', 'transmission', 'render_model',
-           'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images', 'forced_photometry', 'annotate_truth',
-           'sweep_table', 'render_lensed_source', 'add_lensed_sources', 'brick_hash', 'brick_work_paths',
-           'SimulatedBrick', 'simulate_brick', 'object_model', 'parquet_meta', 'brick_summary', 'write_brick',
-           'brick_complete', 'make_brick', 'write_sweeps', 'gather_mock_sky', 'sky_counts', 'generate_mock_sky',
-           'mock_sky_config', 'main']
+           'plan_bricks', 'BrickConditions', 'draw_conditions', 'smooth_factor', 'coverage_mask', 'BrickMaps',
+           'draw_maps', 'arc_sb', 'arc_outer_radius', 'spiral_modulation', 'sersic_truncation', 'component_sb',
+           'pixelise', 'psf_kernel', 'fiber_kernel', 'moffat_truncation', 'kernel_radius_pix', 'render_point_source',
+           'component_extent', 'aperture_weights', 'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction',
+           'galaxy_nea_pix', 'truth_frame', 'draw_lrg_hosts', 'draw_field_galaxies', 'draw_stars', 'draw_contaminants',
+           'draw_lensed_source', 'draw_brick_objects', 'object_components', 'ObjectStamp', 'render_object',
+           'transmission', 'render_model', 'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images',
+           'forced_photometry', 'annotate_truth', 'sweep_table', 'render_lensed_source', 'add_lensed_sources',
+           'brick_hash', 'brick_work_paths', 'SimulatedBrick', 'simulate_brick', 'object_model', 'parquet_meta',
+           'brick_summary', 'write_brick', 'brick_complete', 'make_brick', 'write_sweeps', 'gather_mock_sky',
+           'sky_counts', 'generate_mock_sky', 'mock_sky_config', 'main']
 
 # %% ../nbs/05_mocksky.ipynb
 EXTINCTION_COEFFS = dict(G=3.214, R=2.165, I=1.592, Z=1.211, W1=0.184, W2=0.113, W3=0.0241, W4=0.00910)  # A_b / E(B-V)
@@ -156,22 +157,6 @@ def plan_bricks(cfg:MockSkyConfig, bricks:pd.DataFrame|None=None, lenses:pd.Data
     return plan.astype(dict(BRICKID=np.int64, npix=np.int64))[BRICK_PLAN_COLUMNS]
 
 # %% ../nbs/05_mocksky.ipynb
-def gaussian_nea_pix(psfsize, # PSF FWHM of DR10's equivalent Gaussian [arcsec]
-                     pixscale:float=PIX)->np.ndarray:
-    "Noise-equivalent area [pixels] of a Gaussian of FWHM `psfsize`: 4 pi sigma^2."
-    return 4 * np.pi * (np.asarray(psfsize, float) / FWHM_PER_SIGMA / pixscale) ** 2
-
-def depth_mag_to_ivar(mag5)->np.ndarray:
-    "Flux inverse variance [1/nmgy^2] of a 5-sigma limiting magnitude [AB]."
-    return (5.0 / mag_to_nmgy(mag5)) ** 2
-
-def ivar_to_depth_mag(ivar)->np.ndarray:
-    "5-sigma limiting magnitude [AB] of a flux inverse variance [1/nmgy^2]; NaN where ivar <= 0."
-    iv = np.asarray(ivar, float)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(iv > 0, -2.5 * (np.log10(5.0 / np.sqrt(np.where(iv > 0, iv, 1.0))) - 9), np.nan)
-
-# %% ../nbs/05_mocksky.ipynb
 DEPTH_MIXTURE = dict(deep=(0.65, +0.10, (3, 7)), shallow=(0.35, -0.45, (1, 3)))  # weight, offset [mag], NOBS range
 PSF_BAND_RATIO = dict(g=(1.08, 0.08), r=(1.0, 0.0), z=(0.92, 0.05))          # psfsize_b / psfsize_r: median, ln scatter
 
@@ -224,7 +209,7 @@ class BrickMaps:
 def draw_maps(rng:np.random.Generator, cond:BrickConditions, npix:int, cfg:MockSkyConfig)->BrickMaps:
     "Smooth psfsize, invvar and E(B-V) maps of a brick, invvar set by the depth at the centre and the local NEA."
     psf = np.stack([p * smooth_factor(rng, npix, cfg.psf_variation) for p in cond.psfsize]).astype(np.float32)
-    ivar0 = depth_mag_to_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize)  # invvar_pix = PSFDEPTH x NEA_pix
+    ivar0 = depth5_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize)  # invvar_pix = PSFDEPTH x NEA_pix
     invvar = np.stack([v * smooth_factor(rng, npix, cfg.depth_variation) for v in ivar0]).astype(np.float32)
     covered = np.stack([coverage_mask(rng, npix, cfg.no_coverage_prob) for _ in BANDS])
     psf[~covered], invvar[~covered] = 0, 0
@@ -412,22 +397,6 @@ def galaxy_nea_pix(psfsize)->np.ndarray:
     "NEA [pixels] DR10's GALDEPTH uses: 0.45\" round exponential galaxy, here convolved with the mock's PSF."
     ps, nea = _galnea_table()
     return np.interp(psfsize, ps, nea)
-
-# %% ../nbs/05_mocksky.ipynb
-def desi_lrg_south(flux_g, flux_r, flux_z, flux_w1, # extinction-corrected total fluxes [nmgy]
-                   fiberflux_z, fibertotflux_z,     # extinction-corrected fibre fluxes [nmgy]
-                   gaia_g,                          # Gaia G [mag]; 0 = no Gaia match
-                   margin:float=0.0,                # tighten every colour/magnitude cut by this [mag]
-                  )->np.ndarray:
-    "Boolean mask of the DESI LRG south selection (Zhou et al. 2023) on extinction-corrected fluxes."
-    g, r, z, w1, zfib, zfibtot = (nmgy_to_mag(f) for f in (flux_g, flux_r, flux_z, flux_w1, fiberflux_z, fibertotflux_z))
-    m, G = margin, np.asarray(gaia_g, float)
-    with np.errstate(invalid='ignore'):
-        ok = (z - w1 > 0.8 * (r - z) - 0.6 + m) & (zfib < 21.6 - m)                    # non-stellar, faint limit
-        ok &= (g - w1 > 2.9 + m) | (r - w1 > 1.8 + m)                                   # remove low-z galaxies
-        ok &= ((r - w1 > 1.8 * (w1 - 17.14) + m) & (r - w1 > w1 - 16.33 + m)) | (r - w1 > 3.3 + m)  # sliding colour cut
-        ok &= (zfibtot > 17.5) & ((G == 0) | (G > 18))                                  # bright-star / star veto
-    return ok
 
 # %% ../nbs/05_mocksky.ipynb
 TRUTH_DEFAULTS = dict(  # column -> default of the truth table
@@ -719,7 +688,7 @@ def render_model(truth:pd.DataFrame, maps:BrickMaps, cond:BrickConditions)->tupl
     "Noise-free brick model (3, P, P), its z-band 1\"-seeing twin (P, P) and the stamps {truth row: ObjectStamp}."
     P = maps.ebv.shape[0]
     model, fiber, stamps = np.zeros((3, P, P)), np.zeros((P, P)), {}
-    sigma0 = 1 / np.sqrt(depth_mag_to_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize))
+    sigma0 = 1 / np.sqrt(depth5_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize))
     for i, row in enumerate(truth.itertuples(index=False)):
         if row.cls == 'lensed_source': continue
         ps = _at(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, cond.psfsize)  # no coverage: the brick's value
@@ -944,7 +913,7 @@ def object_model(sim:SimulatedBrick, i:int)->np.ndarray:
         stamp, y0, x0, _ = render_lensed_source(row, ps, T)
     else:
         iv = _at(maps.invvar, row.x, row.y)
-        sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1)), 1 / np.sqrt(depth_mag_to_ivar(sim.cond.depth_mag) * gaussian_nea_pix(sim.cond.psfsize)))
+        sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1)), 1 / np.sqrt(depth5_ivar(sim.cond.depth_mag) * gaussian_nea_pix(sim.cond.psfsize)))
         o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, ps, sig, False); stamp, y0, x0 = o.psf, o.y0, o.x0
     _add_clipped(out, stamp, y0, x0)
     return out

@@ -13,9 +13,9 @@ import pandas as pd
 from .core import config_dict, provenance, write_json, uri_join, is_local, local_path
 
 # %% auto 0
-__all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'desi_lrg_cuts', 'seed_v3_cuts', 'apply_selection',
-           'known_lenses', 'flag_known_lenses', 'host_table', 'process_sweep', 'ParentConfig', 'list_sweeps',
-           'run_parent', 'main']
+__all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south', 'desi_lrg_cuts',
+           'seed_v3_cuts', 'apply_selection', 'known_lenses', 'flag_known_lenses', 'host_table', 'process_sweep',
+           'ParentConfig', 'list_sweeps', 'run_parent', 'main']
 
 # %% ../nbs/20_parent.ipynb
 def dered_mag(flux, transmission):
@@ -29,6 +29,7 @@ def sweep_mags(df:pd.DataFrame)->pd.DataFrame:
     out = pd.DataFrame(index=df.index)
     for b in ('G', 'R', 'Z', 'W1'): out[f'mag_{b.lower()}'] = dered_mag(df[f'FLUX_{b}'], df[f'MW_TRANSMISSION_{b}'])
     out['mag_zfiber'] = dered_mag(df['FIBERFLUX_Z'], df['MW_TRANSMISSION_Z'])
+    out['mag_zfibertot'] = dered_mag(df['FIBERTOTFLUX_Z'], df['MW_TRANSMISSION_Z'])
     return out
 
 # %% ../nbs/20_parent.ipynb
@@ -36,23 +37,36 @@ def _bits_unset(maskbits, bits):
     m = np.asarray(maskbits).astype(np.int64)
     return (m & sum(1 << b for b in bits)) == 0
 
-def desi_lrg_cuts(df:pd.DataFrame, m:pd.DataFrame)->OrderedDict:
-    "Zhou et al. (2023) south LRG cuts, in order, each a boolean array over the rows of `df`."
-    g, r, z, w1, zf = (m[c].to_numpy() for c in ('mag_g', 'mag_r', 'mag_z', 'mag_w1', 'mag_zfiber'))
-    gaia = np.nan_to_num(df['GAIA_PHOT_G_MEAN_MAG'].to_numpy(dtype='f8'), nan=0.0)
+def lrg_south_cuts(g, r, z, w1, zfiber, zfibertot, # extinction-corrected magnitudes [AB]: total g, r, z, W1; z fibre, z fibre-total
+                   gaia_g,                           # Gaia G [mag]; 0 or NaN = no Gaia match
+                   margin:float=0.0,                 # tighten the colour and magnitude cuts by this [mag]
+                  )->OrderedDict:
+    "The magnitude and colour cuts of the DESI LRG south selection (Zhou et al. 2023), in order, each a boolean array."
+    gaia, m = np.nan_to_num(np.asarray(gaia_g, dtype='f8'), nan=0.0), margin
     with np.errstate(invalid='ignore'):
         return OrderedDict([
-            ('photometry', np.all([(df[f'FLUX_IVAR_{b}'] > 0) & (df[f'FLUX_{b}'] > 0) for b in ('R', 'Z', 'W1')], axis=0)
-                           & (df['FIBERFLUX_Z'].to_numpy() > 0)),
             ('gaia_not_star', (gaia == 0) | (gaia > 18)),
-            ('fibertot_z_bright', df['FIBERTOTFLUX_Z'].to_numpy() < 10 ** (-0.4 * (17.5 - 22.5))),
-            ('nobs_grz', np.all([df[f'NOBS_{b}'].to_numpy() > 0 for b in 'GRZ'], axis=0)),
-            ('maskbits_1_12_13', _bits_unset(df['MASKBITS'], (1, 12, 13))),
-            ('non_stellar', z - w1 > 0.8 * (r - z) - 0.6),
-            ('zfiber_faint', zf < 21.6),
-            ('redshift_low', (g - w1 > 2.9) | (r - w1 > 1.8)),
-            ('sliding', ((r - w1 > 1.8 * (w1 - 17.14)) & (r - w1 > w1 - 16.33)) | (r - w1 > 3.3)),
+            ('fibertot_z_bright', np.asarray(zfibertot) > 17.5),
+            ('non_stellar', z - w1 > 0.8 * (r - z) - 0.6 + m),
+            ('zfiber_faint', zfiber < 21.6 - m),
+            ('redshift_low', (g - w1 > 2.9 + m) | (r - w1 > 1.8 + m)),
+            ('sliding', ((r - w1 > 1.8 * (w1 - 17.14) + m) & (r - w1 > w1 - 16.33 + m)) | (r - w1 > 3.3 + m)),
         ])
+
+def desi_lrg_south(flux_g, flux_r, flux_z, flux_w1, fiberflux_z, fibertotflux_z, # extinction-corrected fluxes [nmgy]
+                   gaia_g, margin:float=0.0)->np.ndarray:
+    "One boolean mask of `lrg_south_cuts` from extinction-corrected fluxes (the mock sky draws its hosts with it)."
+    mags = [dered_mag(f, 1.0) for f in (flux_g, flux_r, flux_z, flux_w1, fiberflux_z, fibertotflux_z)]
+    return np.logical_and.reduce(np.broadcast_arrays(*lrg_south_cuts(*mags, gaia_g, margin).values()))
+
+def desi_lrg_cuts(df:pd.DataFrame, m:pd.DataFrame)->OrderedDict:
+    "Zhou et al. (2023) south LRG cuts on sweep rows, in order, each a boolean array over the rows of `df`."
+    c = lrg_south_cuts(*(m[k].to_numpy() for k in ('mag_g', 'mag_r', 'mag_z', 'mag_w1', 'mag_zfiber', 'mag_zfibertot')),
+                       df['GAIA_PHOT_G_MEAN_MAG'].to_numpy(dtype='f8'))
+    good = np.all([(df[f'FLUX_IVAR_{b}'] > 0) & (df[f'FLUX_{b}'] > 0) for b in ('R', 'Z', 'W1')], axis=0) & (df['FIBERFLUX_Z'].to_numpy() > 0)
+    return OrderedDict([('photometry', good), ('gaia_not_star', c.pop('gaia_not_star')), ('fibertot_z_bright', c.pop('fibertot_z_bright')),
+                        ('nobs_grz', np.all([df[f'NOBS_{b}'].to_numpy() > 0 for b in 'GRZ'], axis=0)),
+                        ('maskbits_1_12_13', _bits_unset(df['MASKBITS'], (1, 12, 13))), *c.items()])
 
 def seed_v3_cuts(df:pd.DataFrame, m:pd.DataFrame)->OrderedDict:
     "The seed pipeline's v3 cuts: colour, 17 < z < 21, r < 23, extended, E(B-V) < 0.1, good photometry."

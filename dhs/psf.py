@@ -10,7 +10,8 @@ from scipy.signal import fftconvolve
 
 # %% auto 0
 __all__ = ['FWHM_PER_SIGMA', 'gaussian_kernel', 'moffat_alpha', 'moffat_truncation_radius', 'moffat_kernel',
-           'psf_noise_equivalent_area', 'moffat_fwhm_from_psfsize', 'convolve']
+           'psf_noise_equivalent_area', 'gaussian_nea_pix', 'pixel_noise_sigma', 'moffat_fwhm_from_psfsize',
+           'theta_e_over_psfsize', 'convolve']
 
 # %% ../nbs/12_psf.ipynb
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -86,9 +87,29 @@ def psf_noise_equivalent_area(kernel:np.ndarray, # PSF kernel (normalised here t
     k = k / k.sum()
     return float(pixscale**2 / np.sum(k**2))
 
+def gaussian_nea_pix(psfsize,             # DR10 psfsize: FWHM of the Gaussian with the PSF's NEA [arcsec]
+                     pixscale:float=0.262,  # [arcsec/pixel]
+                    ):
+    "Noise-equivalent area [pixels] DR10 assigns a psfsize: 4 pi sigma^2 of that Gaussian (numpy or torch)."
+    if isinstance(psfsize, (list, tuple)): psfsize = np.asarray(psfsize, float)
+    return 4 * np.pi * (psfsize / FWHM_PER_SIGMA / pixscale) ** 2
+
+def pixel_noise_sigma(psfsize, psfdepth, pixscale:float=0.262):
+    "Per-pixel sky noise [nmgy] of a point-source depth psfdepth [1/nmgy^2]: psfdepth = 1 / (sigma^2 NEA)."
+    return (psfdepth * gaussian_nea_pix(psfsize, pixscale)) ** -0.5
+
 def moffat_fwhm_from_psfsize(psfsize:float)->float:
     "FWHM [arcsec] of the beta = 3.5 Moffat with the NEA of a Gaussian of FWHM `psfsize`."
     return 0.811 * psfsize
+
+# %% ../nbs/12_psf.ipynb
+def theta_e_over_psfsize(theta_e_arcsec, # Einstein radius [arcsec]
+                         psfsize_r,      # DR10 r-band psfsize [arcsec]
+                        ):
+    "Resolution ratio theta_E / psfsize_r; NaN where psfsize_r is not positive (numpy arrays or pandas Series)."
+    ps = np.asarray(psfsize_r, float) if not hasattr(psfsize_r, 'where') else psfsize_r.astype(float)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return theta_e_arcsec / (ps.where(ps > 0) if hasattr(ps, 'where') and not isinstance(ps, np.ndarray) else np.where(ps > 0, ps, np.nan))
 
 # %% ../nbs/12_psf.ipynb
 def convolve(image:np.ndarray,  # (..., N, M) image(s)

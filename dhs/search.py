@@ -12,7 +12,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import provenance, write_json, is_local, local_path, uri_join, atomic_path
-from .manifest import DrawConfig, draw_task, depth5_mag, healpix_region
+from .manifest import DrawConfig, draw_task, healpix_region
+from .survey import depth5_mag
+from .psf import theta_e_over_psfsize
 from .inject import InjectConfig, run_inject, run_group, brick_groups, group_file, _check_output, _prepare_out
 from .tables import write_table
 from .selection import truth_classes
@@ -94,7 +96,7 @@ def search_tasks(hosts:pd.DataFrame, experiment_id:str='search', control_kind:st
     t = pd.concat([t.drop(columns=[c for c in params if c in t]), params], axis=1)
     t['experiment_id'], t['grid'], t['lens_model'] = experiment_id, draw.grid, 'CONTROL'
     t['depth5_r'] = depth5_mag(t['galdepth_r']) if 'galdepth_r' in t else np.nan
-    t['theta_over_psf'] = t['theta_e_arcsec'] / t['psfsize_r'].where(t['psfsize_r'] > 0)
+    t['theta_over_psf'] = theta_e_over_psfsize(t['theta_e_arcsec'], t['psfsize_r'])
     return t
 
 # %% ../nbs/43_search.ipynb

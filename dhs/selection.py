@@ -12,8 +12,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import atomic_path, provenance
-from .manifest import depth5_mag
-from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r, theta_over_psf
+from .survey import depth5_mag
+from .stamps import theta_over_psf
+from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r
 from .tables import latex_escape, latex_sci, fmt_interval, latex_table
 
 # %% auto 0

@@ -13,11 +13,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import provenance, atomic_path, is_local, local_path
+from .psf import theta_e_over_psfsize
 
 # %% auto 0
 __all__ = ['CONTRACT_FILE', 'BINARY_COLUMNS', 'load_contract', 'stamp_nbytes', 'encode_stamps', 'decode_stamps', 'encode_npz',
-           'decode_npz', 'stamp_shape', 'read_stamps', 'write_stamp_table', 'example_stamp_table', 'check_schema',
-           'validate_stamps', 'main']
+           'decode_npz', 'stamp_shape', 'read_stamps', 'write_stamp_table', 'example_stamp_table', 'theta_over_psf',
+           'check_schema', 'validate_stamps', 'main']
 
 # %% ../nbs/23_stamps.ipynb
 CONTRACT_FILE = 'stamp_contract.json'
@@ -116,6 +117,13 @@ def example_stamp_table(n:int=8, seed:int=0, size:int=64)->pa.Table:
                 ab_zp_nmgy=np.full(n, 22.5), bad_pixel_frac=np.zeros(n), wise_brightmask_frac=np.zeros(n))
     t = pa.table({k: v for k, v in cols.items() if k != 'stamp'})
     return t.append_column('stamp', encode_stamps(rng.normal(0, 0.01, (n, 3, size, size)).astype('f4')))
+
+# %% ../nbs/23_stamps.ipynb
+def theta_over_psf(df:pd.DataFrame)->pd.Series:
+    "theta_E / psfsize_r of each row of a stamp or score table."
+    if 'theta_over_psf' in df: return df['theta_over_psf'].astype(float)
+    if not {'theta_e_arcsec', 'psfsize_r'} <= set(df): raise KeyError('need theta_over_psf, or theta_e_arcsec and psfsize_r (STAMP_SCHEMA.md)')
+    return theta_e_over_psfsize(df['theta_e_arcsec'], df['psfsize_r'])
 
 # %% ../nbs/23_stamps.ipynb
 _KIND_CHECKS = {'int': pa.types.is_integer, 'float': lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),

@@ -19,8 +19,8 @@ __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
            'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_TILE',
            'COADD_BUNIT', 'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
-           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'SurveyFileError', 'check_fits_file',
-           'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
+           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'depth5_mag', 'depth5_ivar', 'SurveyFileError',
+           'check_fits_file', 'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
            'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
            'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout',
            'nearest_pixel', 'stamp_slice', 'StampOffBrickError', 'BrickImages', 'cut_stamp']
@@ -84,6 +84,17 @@ def sweep_bounds_for(ra:float, dec:float)->tuple[int, int, int, int]:
     ramin = int(math.floor((ra % 360) / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG
     decmin = min(int(math.floor(dec / SWEEP_BOX_DEG)) * SWEEP_BOX_DEG, 90 - SWEEP_BOX_DEG)
     return ramin, decmin, ramin + SWEEP_BOX_DEG, decmin + SWEEP_BOX_DEG
+
+# %% ../nbs/01_survey.ipynb
+def depth5_mag(ivar)->np.ndarray:
+    "5-sigma AB depth [mag] of an inverse-variance depth [1/nmgy^2]; NaN where ivar <= 0."
+    iv = np.asarray(ivar, 'f8')
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(iv > 0, -2.5 * (np.log10(5 / np.sqrt(np.where(iv > 0, iv, 1.0))) - 9), np.nan)
+
+def depth5_ivar(mag5):
+    "Inverse variance [1/nmgy^2] of the flux whose 5-sigma limit is `mag5` [AB]: (5 / flux_5)^2."
+    return (5.0 / 10 ** (-0.4 * (mag5 - AB_ZP))) ** 2
 
 # %% ../nbs/01_survey.ipynb
 class SurveyFileError(Exception):

@@ -240,7 +240,7 @@ def test_sweep_fluxes_are_truth_times_transmission_plus_noise(sky):
 
 def test_lrg_hosts_pass_the_desi_cuts_on_sweep_fluxes(sky):
     "Catalogued LRG hosts are DEV and pass the DESI LRG south cuts measured on their sweep rows."
-    from dhs.mocksky import desi_lrg_south
+    from dhs.parent import desi_lrg_south
     cfg, base, rec, truth, sweep = sky
     s = sweep.merge(truth[truth.catalogued][['brickname', 'objid', 'cls']], left_on=['BRICKNAME', 'OBJID'], right_on=['brickname', 'objid'])
     d = {B: s[f'FLUX_{B}'] / s[f'MW_TRANSMISSION_{B}'] for B in ('G', 'R', 'Z', 'W1')}
