@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm
+from .metrics import tpr_at_fpr, auroc
 from .core import atomic_path, config_dict, config_from_dict, provenance, write_json
 from .data import Filters, Preprocess, Augment, StampDataset, prepare_batch, index_columns, meta_array
 from .models import LensFinder, meta_features, model_from_state, metadata_leakage
 
 # %% auto 0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
-           'warmup_cosine', 'masked_loss', 'tpr_at_fpr', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
-           'derived_seed', 'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint',
-           'autocast_dtype', 'model_inputs', 'loader_kwargs', 'predict', 'gather_predictions', 'train_step',
-           'train_epoch', 'leakage_report', 'fit', 'config_from_args', 'main']
+           'warmup_cosine', 'masked_loss', 'low_fpr_metrics', 'resolve_device', 'setup_distributed', 'derived_seed',
+           'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'autocast_dtype',
+           'model_inputs', 'loader_kwargs', 'predict', 'gather_predictions', 'train_step', 'train_epoch',
+           'leakage_report', 'fit', 'config_from_args', 'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -106,22 +107,14 @@ def masked_loss(logits:torch.Tensor, labels:torch.Tensor, valid:torch.Tensor, ki
     return (ce * w).sum() / w.sum().clamp(min=1)
 
 # %% ../nbs/32_train.ipynb
-def tpr_at_fpr(labels:np.ndarray, scores:np.ndarray, target_fpr:float)->dict:
-    "TPR at FPR <= target, ties counted against the finder: threshold at the (k+1)-th highest negative."
-    neg, pos = np.sort(scores[labels == 0])[::-1], scores[labels == 1]
-    k = int(math.floor(target_fpr * len(neg) + 1e-9))
-    thr = neg[k] if k < len(neg) else -np.inf
-    return dict(tpr=float((pos > thr).mean()) if len(pos) else float('nan'), threshold=float(thr),
-                fpr=float((neg > thr).mean()) if len(neg) else float('nan'), n_pos=int(len(pos)), n_neg=int(len(neg)), fp_allowed=k)
-
 def low_fpr_metrics(labels:np.ndarray, scores:np.ndarray, target_fpr:float=1e-3)->dict:
-    "AUROC, partial AUROC to target_fpr (McClish-standardised: 0.5 chance, 1 perfect) and TPR at target_fpr."
-    from sklearn.metrics import roc_auc_score
+    "AUROC, partial AUROC to target_fpr (McClish-standardised: 0.5 chance, 1 perfect) and in-sample TPR at target_fpr (`dhs.metrics`)."
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, float)
-    if len(np.unique(labels)) < 2: return dict(auroc=float('nan'), pauc=float('nan'), tpr=float('nan'), n_pos=int(labels.sum()), n_neg=int((1 - labels).sum()))
-    t = tpr_at_fpr(labels, scores, target_fpr)
-    return dict(auroc=float(roc_auc_score(labels, scores)), pauc=float(roc_auc_score(labels, scores, max_fpr=target_fpr)),
-                tpr=t['tpr'], threshold=t['threshold'], n_pos=t['n_pos'], n_neg=t['n_neg'])
+    counts, nan = dict(n_pos=int(labels.sum()), n_neg=int((1 - labels).sum())), float('nan')
+    if len(np.unique(labels)) < 2 or not np.isfinite(scores).all(): return dict(auroc=nan, pauc=nan, tpr=nan, threshold=nan, **counts)
+    t = tpr_at_fpr(scores, labels, [target_fpr]).iloc[0]
+    return dict(auroc=auroc(scores, labels), pauc=auroc(scores, labels, max_fpr=target_fpr), tpr=float(t.tpr), threshold=float(t.threshold),
+                fpr=float(t.fpr), **counts)
 
 # %% ../nbs/32_train.ipynb
 def resolve_device(device:str='auto')->torch.device:
