@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from .data import StampDataset, Preprocess, preprocess, synthetic_stamp_table
+from .data import StampDataset, Preprocess, preprocess
+from .toys import synthetic_stamp_table
 from .stamps import decode_stamps, decode_npz, encode_npz, encode_stamps, write_stamp_table
 
 # %% auto 0

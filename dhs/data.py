@@ -16,131 +16,15 @@ from .core import task_rng, task_seed, seed_to_int64
 from .stamps import decode_stamps, decode_npz, encode_stamps, encode_npz, theta_over_psf
 from .sources import sersic_sb, mag_to_nmgy, band_fluxes_from_mag
 from .psf import gaussian_kernel, convolve, FWHM_PER_SIGMA, gaussian_nea_pix, pixel_noise_sigma
-from .survey import depth5_ivar, depth5_mag
+from .survey import depth5_ivar, depth5_mag, PIXSCALE_ARCSEC
 from .lensing import Lens, ray_shoot, sample_source_position
 
 # %% auto 0
-__all__ = ['PIXSCALE', 'FILTER_COLUMNS', 'CONDITION_COLUMNS', 'synthetic_stamp_table', 'Filters', 'select_rows', 'list_parquet',
-           'StampIndex', 'build_index', 'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array',
-           'StampDataset', 'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip',
-           'radial_residual', 'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch',
-           'kernel_power', 'draw_conditions', 'degrade', 'prepare_batch']
-
-# %% ../nbs/30_data.ipynb
-PIXSCALE = 0.262  # DECaLS pixel scale [arcsec/pixel]
-
-def _pixel_grid(size:int, oversample:int=1, dx:float=0.0, dy:float=0.0):
-    "x, y [arcsec] of (sub-)pixel centres, the host at 0-based pixel (size//2 + dx, size//2 + dy)."
-    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
-    c = (np.arange(size)[:, None] + sub[None, :]).ravel() - size // 2
-    x, y = np.meshgrid((c - dx) * PIXSCALE, (c - dy) * PIXSCALE)
-    return x, y
-
-def _downsample(img:np.ndarray, k:int)->np.ndarray:
-    "Mean over k x k blocks of the last two axes."
-    n = img.shape[-1] // k
-    return img.reshape(*img.shape[:-2], n, k, n, k).mean(axis=(-3, -1))
-
-# %% ../nbs/30_data.ipynb
-_SYNTH_PSF_MEDIAN_R, _SYNTH_DEPTH5 = 1.3, {'g': 24.9, 'r': 24.4, 'z': 23.5}  # DESIGN.md: DR10-like seeing and depths
-_BAND_SEEING = {'g': 1.06, 'r': 1.0, 'z': 0.93}   # FWHM ~ lambda^-0.2 relative to r (480, 640, 920 nm)
-
-# %% ../nbs/30_data.ipynb
-def _draw_conditions(rng):
-    "Per-band PSF FWHM [arcsec] and psfdepth [1/nmgy^2] from DR10-like distributions."
-    seeing = float(np.clip(_SYNTH_PSF_MEDIAN_R * np.exp(0.18 * rng.normal()), 0.9, 2.0))
-    offset = 0.3 * rng.normal()                       # a common depth offset (same exposures), small band jitter
-    fwhm = {b: seeing * f for b, f in _BAND_SEEING.items()}
-    depth = {b: float(depth5_ivar(m + offset + 0.1 * rng.normal())) for b, m in _SYNTH_DEPTH5.items()}
-    return fwhm, depth
-
-def _render_host(rng, size, fwhm):
-    "A PSF-convolved de Vaucouleurs LRG (g, r, z) [nmgy/pixel] and its parameters."
-    mag_r, reff, q, phi = rng.uniform(17.5, 19.5), rng.uniform(0.6, 1.6), rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
-    fl = band_fluxes_from_mag(mag_r, 1.6 + 0.1 * rng.normal(), 0.9 + 0.05 * rng.normal())
-    x, y = _pixel_grid(size, 4)                      # even oversampling: no sample on the r = 0 cusp
-    sb = _downsample(sersic_sb(x, y, 1.0, reff, 4.0, q, phi), 4) * PIXSCALE ** 2
-    img = np.stack([convolve(sb * f, gaussian_kernel(fwhm[b])) for f, b in zip(fl, 'grz')])
-    return img, dict(mag_r=mag_r, shape_r=reff)
-
-# %% ../nbs/30_data.ipynb
-def _render_arc(rng, size, fwhm, host_mag_r):
-    "A lensed Sérsic source, PSF-convolved (g, r, z) [nmgy/pixel], and its injection parameters."
-    theta_e = rng.uniform(0.5, 2.5)
-    lens = Lens(theta_e, rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), *(0.03 * rng.normal(size=2)))
-    xs, ys = sample_source_position(lens, rng)
-    dmag, reff, n_s, q_s, phi_s = rng.uniform(1.0, 6.0), rng.uniform(0.1, 0.4), 1.0, rng.uniform(0.5, 1.0), rng.uniform(0, np.pi)
-    fl = band_fluxes_from_mag(host_mag_r + dmag, 0.3 + 0.1 * rng.normal(), 0.2 + 0.1 * rng.normal())
-    x, y = _pixel_grid(size, 4)
-    bx, by = ray_shoot(x, y, lens)
-    sb = _downsample(sersic_sb(bx, by, 1.0, reff, n_s, q_s, phi_s, xs, ys), 4) * PIXSCALE ** 2
-    img = np.stack([convolve(sb * f, gaussian_kernel(fwhm[b])) for f, b in zip(fl, 'grz')])
-    return img, dict(theta_e_arcsec=theta_e, src_dmag=dmag, src_reff_arcsec=reff, src_x_arcsec=xs, src_y_arcsec=ys,
-                     lens_q=lens.q, lens_phi_rad=lens.phi, gamma1=lens.gamma1, gamma2=lens.gamma2,
-                     magnification=float(sb.sum()), lensed_flux_r=float(img[1].sum()))
-
-# %% ../nbs/30_data.ipynb
-_SPLIT_CYCLE = 'tvtsttvtsttttvtstttt'   # 20 regions: 14 train, 3 val, 3 test; the first 4 already hold all three
-
-def _split_of_region(region_id:int)->str:
-    "Deterministic region -> split, 70/15/15 over every 20 consecutive regions."
-    return {'t': 'train', 'v': 'val', 's': 'test'}[_SPLIT_CYCLE[region_id % 20]]
-
-def _render_row(i:int, seed:int, size:int, prev:dict|None, paired_frac:float)->dict:
-    "One synthetic row: even i injections, odd i controls (paired with row i-1 with probability paired_frac)."
-    tid = f'syn{seed}-{i:07d}'
-    rng = task_rng(tid)
-    control = i % 2 == 1
-    paired = control and prev is not None and rng.random() < paired_frac
-    if paired: fwhm, depth, host, hp, noise = prev['fwhm'], prev['depth'], prev['host'], prev['hp'], prev['noise']
-    else:
-        fwhm, depth = _draw_conditions(rng)
-        host, hp = _render_host(rng, size, fwhm)
-        sig = np.array([pixel_noise_sigma(fwhm[b], depth[b]) for b in 'grz'])
-        noise = rng.normal(size=host.shape) * sig[:, None, None]
-    arc, ap = _render_arc(rng, size, fwhm, hp['mag_r'])
-    invvar = 1.0 / np.array([pixel_noise_sigma(fwhm[b], depth[b]) for b in 'grz']) ** 2
-    snr = np.sqrt((arc ** 2 * invvar[:, None, None]).sum(axis=(1, 2)))
-    img = (host + noise + (0 if control else arc)).astype('f4')
-    return dict(tid=tid, i=i, control=control, paired=paired, fwhm=fwhm, depth=depth, host=host, hp=hp, noise=noise,
-                ap=ap, snr=snr, img=img)
-
-# %% ../nbs/30_data.ipynb
-def _row_columns(r:dict, size:int, exp:str, region:int)->dict:
-    "Contract columns of one rendered row."
-    ap, fw, dp, ctl = r['ap'], r['fwhm'], r['depth'], r['control']
-    out = dict(task_id=r['tid'], experiment_id=exp, selection_set_id='synthetic', ranking_mode='none', selection_strategy='synthetic',
-               region_id=region, region_split=_split_of_region(region), brickname='synthetic', ra=150.0 + region * 0.5, dec=2.0,
-               pipeline_version='synthetic', config_id='synthetic', stamp_size=size, bandset='grz', ab_zp_nmgy=22.5,
-               lens_model='CONTROL' if ctl else 'SIE', is_control=int(ctl), bad_pixel_frac=0.0, wise_brightmask_frac=0.0,
-               cutout_ok=1, task_seed64=seed_to_int64(task_seed(r['tid'])), host_id=f"h{r['i'] - 1 if r['paired'] else r['i']}",
-               control_kind=('paired' if r['paired'] else 'unpaired') if ctl else 'none', source_kind='sersic',
-               arc_snr=float(r['snr'][1]), arc_snr_g=float(r['snr'][0]), arc_snr_r=float(r['snr'][1]), arc_snr_z=float(r['snr'][2]),
-               metrics_ok=1, physics_valid=1, ebv=0.01 + 0.04 * (region % 5) / 4, mag_r=r['hp']['mag_r'], shape_r=r['hp']['shape_r'])
-    out.update({f'psf_fwhm_used_{b}': fw[b] for b in 'grz'}, **{f'psfsize_{b}': fw[b] for b in 'grz'},
-               **{f'psfdepth_{b}': dp[b] for b in 'grz'}, **{f'galdepth_{b}': 0.6 * dp[b] for b in 'grz'})
-    out.update({k: float(v) for k, v in ap.items()}, theta_over_psf=ap['theta_e_arcsec'] / fw['r'])
-    return out
-
-# %% ../nbs/30_data.ipynb
-def synthetic_stamp_table(n:int=256,             # rows (half injections, half controls)
-                          seed:int=0,            # table seed: a new seed renders a new table
-                          size:int=64,           # stamp size [pixels]
-                          paired_frac:float=0.5, # fraction of controls sharing the previous injection's host and noise
-                          npz:bool=False,        # also write the seed's gzip-NPZ column `stamp_npz`
-                          rows_per_region:int|None=None, # rows per sky region (default n // 40, even, >= 2)
-                         )->pa.Table:
-    "A small stamp table satisfying the contract: lensed arcs on noisy de Vaucouleurs hosts and controls with shadow arcs."
-    per = rows_per_region or max(2, (n // 40) // 2 * 2)
-    rows, prev = [], None
-    for i in range(n):
-        r = _render_row(i, seed, size, prev, paired_frac)
-        rows.append((_row_columns(r, size, f'synthetic-{seed}', i // per), r['img']))
-        prev = None if r['control'] else r
-    t = pa.Table.from_pylist([c for c, _ in rows])
-    imgs = np.stack([im for _, im in rows]) if rows else np.zeros((0, 3, size, size), 'f4')
-    t = t.append_column('stamp', encode_stamps(imgs))
-    return t.append_column('stamp_npz', pa.array([encode_npz(im) for im in imgs], pa.binary())) if npz else t
+__all__ = ['FILTER_COLUMNS', 'CONDITION_COLUMNS', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',
+           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
+           'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual',
+           'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power',
+           'draw_conditions', 'degrade', 'prepare_batch']
 
 # %% ../nbs/30_data.ipynb
 @dataclass
@@ -557,7 +441,7 @@ def degrade(x:torch.Tensor, meta:torch.Tensor, names:list, a:Augment, gen:torch.
     pick = torch.rand(B, generator=gen, device=gen.device).to(x.device) < a.degrade_prob
     ok = (pick[:, None] & torch.isfinite(p0) & (p0 > 0) & torch.isfinite(d0) & (d0 > 0)).all(1, keepdim=True)
     p1, d1 = torch.where(ok, torch.maximum(p0, p1), p0), torch.where(ok, torch.minimum(d0, d1), d0)
-    sk = torch.sqrt((p1 ** 2 - p0 ** 2).clamp(min=0)) / FWHM_PER_SIGMA / PIXSCALE
+    sk = torch.sqrt((p1 ** 2 - p0 ** 2).clamp(min=0)) / FWHM_PER_SIGMA / PIXSCALE_ARCSEC
     zero = torch.zeros(B, device=x.device)
     y = fourier_transform_batch(x, zero if dx is None else dx, zero if dy is None else dy, sk)
     var = lambda p, d: pixel_noise_sigma(p, d) ** 2                      # per-pixel noise variance [nmgy^2]

@@ -25,11 +25,10 @@ from .sources import sersic_sb, mag_to_nmgy
 from .stamps import read_stamps, encode_stamps
 
 # %% auto 0
-__all__ = ['META_COLUMNS', 'TOY_NOISE', 'TOY_HOST_COLOUR', 'TOY_SOURCE_COLOUR', 'GateConfig', 'radius_pix', 'noise_sigma',
-           'core_radius_geometric', 'core_radius_injection', 'core_radii', 'core_features', 'radial_profiles', 'cv_auc',
-           'annulus_mask', 'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core',
-           'GateResult', 'GateReport', 'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates',
-           'run_gates', 'toy_gate_set', 'asymmetry_excess', 'toy_score_fn', 'load_gate_inputs', 'toy_stamp_table',
+__all__ = ['META_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric', 'core_radius_injection',
+           'core_radii', 'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'annulus_mask',
+           'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport',
+           'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'run_gates', 'load_gate_inputs',
            'main']
 
 # %% ../nbs/42_gates.ipynb
@@ -95,7 +94,7 @@ def core_radii(n:int, theta_e=None, psf_fwhm=None, inj=None, sigma=None, cfg:Gat
     return core_radius_geometric(theta_e, psf_fwhm, cfg.core_fwhm_margin, cfg.pixscale), 'geometric'
 
 # %% ../nbs/42_gates.ipynb
-def _scaled(images:np.ndarray, sigma:np.ndarray)->np.ndarray:
+def scaled_by_noise(images:np.ndarray, sigma:np.ndarray)->np.ndarray:
     "asinh(x / sigma_band): pixels in noise units, compressed."
     return np.arcsinh(images / np.maximum(sigma, 1e-12)[:, :, None, None])
 
@@ -104,7 +103,7 @@ def core_features(images:np.ndarray, radii:np.ndarray, sigma:np.ndarray, cap_pix
     r = radius_pix(images.shape[-1])
     disk = r < cap_pix
     inside = (r[disk][None, :] < radii[:, None])                     # (n, pixels in the cap disk)
-    px = _scaled(images, sigma)[:, :, disk] * inside[:, None, :]
+    px = scaled_by_noise(images, sigma)[:, :, disk] * inside[:, None, :]
     mean = px.sum(-1) / np.maximum(inside.sum(-1), 1)[:, None]
     return np.concatenate([px.reshape(len(images), -1), mean], axis=1)
 
@@ -113,7 +112,7 @@ def radial_profiles(images:np.ndarray, sigma:np.ndarray, r_max_pix:float=0.0, ex
     r = radius_pix(images.shape[-1])
     ring = np.floor(r).astype(int)
     n_ring = int(r_max_pix or images.shape[-1] // 2)
-    s = _scaled(images, sigma)
+    s = scaled_by_noise(images, sigma)
     prof = np.stack([s[:, :, ring == k].mean(-1) for k in range(n_ring)], axis=-1)      # (n, bands, rings)
     if exclude is not None:
         k, (r_in, r_out) = np.arange(n_ring)[None], np.asarray(exclude, float).T[:, :, None]
@@ -342,79 +341,6 @@ def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None,
     return GateReport(res, config_dict(cfg), int(y.sum()), int(len(y) - y.sum()), population)
 
 # %% ../nbs/42_gates.ipynb
-TOY_NOISE = (0.003, 0.0047, 0.0107)    # per-pixel sigma g, r, z [nmgy]: 5-sigma PSF depths ~24.9, 24.4, 23.5 at FWHM 1.3"
-TOY_HOST_COLOUR = (0.229, 1.0, 2.29)   # flux ratio to r: g-r = 1.6, r-z = 0.9 (LRG)
-TOY_SOURCE_COLOUR = (0.76, 1.0, 1.2)   # g-r = 0.3, r-z = 0.2
-
-def _render(fn, size:int, pixscale:float, oversample:int=2)->np.ndarray:
-    "Pixel-averaged image [nmgy/pixel] of a surface brightness fn(x, y) [nmgy/arcsec^2]; x = (col - N//2) x pixscale."
-    sub = (np.arange(size * oversample) + 0.5) / oversample - 0.5 - size // 2
-    x, y = np.meshgrid(sub * pixscale, sub * pixscale)
-    img = fn(x, y).reshape(size, oversample, size, oversample).mean(axis=(1, 3))
-    return img * pixscale ** 2
-
-def _toy_stamp(rng, kind:str, size:int, pixscale:float)->dict:
-    "One toy lens/negative pair: control image, injected image, rendered arc model and parameters."
-    fwhm, theta = rng.uniform(0.9, 1.4), rng.uniform(1.5, 3.0)
-    host_mag, reff, q, phi = rng.uniform(18.5, 20.5), rng.uniform(0.6, 1.5), rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
-    sigma = np.array(TOY_NOISE) * rng.uniform(0.8, 1.25)
-    k = gaussian_kernel(fwhm, pixscale)
-    host = convolve(_render(lambda x, y: sersic_sb(x, y, mag_to_nmgy(host_mag), reff, 4.0, q, phi), size, pixscale), k)
-    lens = Lens(theta, rng.uniform(0.7, 1.0), rng.uniform(0, np.pi))
-    b, a, src_reff = rng.uniform(0, 0.35 * theta), rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.3)
-    src = lambda x, y: sersic_sb(*ray_shoot(x, y, lens), 1.0, src_reff, 1.0, 0.8, 0.3, b * np.cos(a), b * np.sin(a))
-    arc = convolve(_render(src, size, pixscale, 2), k)
-    snr = rng.uniform(8, 25)
-    arc = arc * snr * sigma[1] / np.sqrt((arc ** 2).sum())
-    control = np.array(TOY_HOST_COLOUR)[:, None, None] * host[None] + rng.normal(size=(3, size, size)) * sigma[:, None, None]
-    inj = np.array(TOY_SOURCE_COLOUR)[:, None, None] * arc[None]
-    if kind == 'clean': extra = inj
-    else:
-        point = np.zeros((size, size)); point[size // 2, size // 2] = 1.0
-        extra = np.array(TOY_SOURCE_COLOUR)[:, None, None] * convolve(point, k)[None] * rng.uniform(0.15, 0.4) * host.sum()
-    return dict(control=control, lens=control + extra, inj=inj, sigma=sigma, theta_e=theta, fwhm=fwhm, mag_r=host_mag, arc_snr=snr)
-
-# %% ../nbs/42_gates.ipynb
-def toy_gate_set(n:int=400, kind:str='clean', seed:int=0, size:int=64, pixscale:float=0.262)->dict:
-    "Toy stamps (half lenses, half negatives on other hosts) with labels, injection models, paired controls, sigma and metadata."
-    if kind not in ('clean', 'core'): raise ValueError(f"kind must be 'clean' or 'core', got {kind!r}")
-    rng = np.random.default_rng(seed)
-    rows = [_toy_stamp(rng, kind, size, pixscale) for _ in range(n)]
-    y = (np.arange(n) % 2 == 0).astype(int)
-    images = np.stack([r['lens'] if l else r['control'] for r, l in zip(rows, y)]).astype('f4')
-    controls = np.stack([r['control'] for r in rows]).astype('f4')
-    meta = pd.DataFrame(dict(is_control=1 - y, theta_e_arcsec=[r['theta_e'] for r in rows], psfsize_r=[r['fwhm'] for r in rows],
-                             mag_r=[r['mag_r'] for r in rows], arc_snr=[r['arc_snr'] for r in rows]))
-    return dict(images=images, labels=y, inj=np.stack([r['inj'] for r in rows]).astype('f4'), controls=controls,
-                sigma=np.stack([r['sigma'] for r in rows]), theta_e=meta.theta_e_arcsec.to_numpy(), psf_fwhm=meta.psfsize_r.to_numpy(), meta=meta)
-
-# %% ../nbs/42_gates.ipynb
-def asymmetry_excess(images:np.ndarray, sigma:np.ndarray, ring_width:float=1.5, n_sectors:int=12, r_max_pix:float=16.0)->np.ndarray:
-    "(n, rings): per ring, the largest sector S/N of the noise-weighted band sum minus its 180-degree rotation."
-    size, c = images.shape[-1], images.shape[-1] // 2
-    y, x = np.indices((size, size)) - c
-    r, ang = np.hypot(x, y), np.mod(np.arctan2(y, x), 2 * np.pi)
-    det = (images / sigma[:, :, None, None]).sum(1) / np.sqrt(images.shape[1])
-    rot = np.zeros_like(det); rot[:, 1:, 1:] = det[:, 1:, 1:][:, ::-1, ::-1]     # rotation about pixel (c, c)
-    e = (det - rot) / np.sqrt(2)                                              # a point-symmetric host cancels
-    feats = []
-    for r0 in np.arange(1.5, r_max_pix, ring_width):
-        ring = (r >= r0) & (r < r0 + ring_width)
-        sec, er = np.floor(ang[ring] / (2 * np.pi) * n_sectors).astype(int), e[:, ring]
-        feats.append(np.max([er[:, sec == k].sum(1) / np.sqrt((sec == k).sum()) for k in np.unique(sec)], axis=0))
-    return np.stack(feats, 1)
-
-def toy_score_fn(kind:str, images, labels, sigma=None, C:float=1.0):
-    "Fit a toy scorer ('core': central 5x5 pixels; 'arc': 180-degree asymmetry) and return score_fn(images) -> [0, 1]."
-    def feats(im, sg):
-        if kind == 'core': return _scaled(im, sg)[:, :, im.shape[-1] // 2 - 2:im.shape[-1] // 2 + 3, im.shape[-1] // 2 - 2:im.shape[-1] // 2 + 3].reshape(len(im), -1)
-        return asymmetry_excess(im, sg)
-    if kind not in ('core', 'arc'): raise ValueError(f"kind must be 'core' or 'arc', got {kind!r}")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, solver='liblinear', max_iter=1000))
-    model.fit(feats(images, noise_sigma(images) if sigma is None else sigma), labels)
-    return lambda im: model.predict_proba(feats(np.asarray(im), noise_sigma(np.asarray(im))))[:, 1]
-
-# %% ../nbs/42_gates.ipynb
 _GATE_COLS = ('task_id', 'is_control', 'control_kind', 'partner_task_id', 'region_split', 'theta_e_arcsec', 'psfsize_r', 'psf_fwhm_used_r')
 
 def _pick_rows(meta:pd.DataFrame, max_stamps:int, seed:int)->pd.DataFrame:
@@ -458,18 +384,6 @@ def _gate_arrays(images:np.ndarray, meta:pd.DataFrame, scores=None)->dict:
         sc = (pd.read_parquet(scores, columns=['task_id', 'score']) if not isinstance(scores, pd.DataFrame) else scores[['task_id', 'score']])
         out['model_scores'] = meta[['task_id']].merge(sc, on='task_id', how='left')['score'].to_numpy(float)
     return out
-
-def toy_stamp_table(toy:dict, split:str='test', prefix:str='toy')->pa.Table:
-    "A stamp table (stamp contract columns the gates use) from `toy_gate_set`: its rows plus the lenses' paired controls."
-    y, m = toy['labels'], toy['meta']
-    ids = [f'{prefix}-{i}' for i in range(len(y))]
-    lens = np.flatnonzero(y == 1)
-    rows = pd.concat([m.assign(task_id=ids, partner_task_id=ids, control_kind=np.where(y == 1, 'none', 'unpaired')),
-                      m.iloc[lens].assign(task_id=[f'{ids[i]}-c' for i in lens], partner_task_id=[ids[i] for i in lens],
-                                          control_kind='paired', is_control=1)], ignore_index=True)
-    rows = rows.assign(region_split=split, psf_fwhm_used_r=rows.psfsize_r, stamp_size=toy['images'].shape[-1], bandset='grz')
-    t = pa.Table.from_pandas(rows, preserve_index=False)
-    return t.append_column('stamp', encode_stamps(np.concatenate([toy['images'], toy['controls'][lens]])))
 
 # %% ../nbs/42_gates.ipynb
 def _load_scorer(spec:str, checkpoint:str=''):

@@ -27,7 +27,7 @@ from .stamps import encode_npz, encode_stamps, load_contract, stamp_nbytes, writ
 __all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS', 'CONSTANT_COLUMNS',
            'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task', 'template_bank_id',
            'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task', 'mask_fractions',
-           'lens_metrics', 'inject_task', 'write_tiny_sky', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
+           'lens_metrics', 'inject_task', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
            'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
@@ -211,91 +211,6 @@ def inject_task(task_row:dict, brick:BrickImages, cfg:InjectConfig)->tuple[np.nd
     "Stamp (3, N, N) float32 [nmgy] and metrics of one manifest task, rebuilt from its row alone."
     stamp, m, _ = _inject(task_row, brick, cfg)
     return stamp, m
-
-# %% ../nbs/24_inject.ipynb
-def _tiny_hosts(rng, brick:str, ra0:float, dec0:float, wcs, n:int, pixels:int, margin:int)->pd.DataFrame:
-    "Host rows (parent-sample columns) at random pixels of a tiny brick."
-    xy = rng.uniform(margin, pixels - 1 - margin, (n, 2))
-    ra, dec = wcs.pixel_to_world_values(xy[:, 0], xy[:, 1])
-    mw = {'g': 0.88, 'r': 0.92, 'z': 0.95, 'w1': 0.99}
-    mag = {'g': rng.uniform(21.5, 22.5, n), 'z': rng.uniform(18.8, 19.6, n)}
-    mag['r'] = mag['z'] + 1.5
-    df = pd.DataFrame(dict(host_id=[f'tiny_{brick}_{i}' for i in range(n)], brickname=brick, ra=ra, dec=dec, type='DEV',
-                           ebv=0.03, shape_r=rng.uniform(0.6, 1.5, n), shape_e1=rng.uniform(-0.2, 0.2, n),
-                           shape_e2=rng.uniform(-0.2, 0.2, n), maskbits=0, near_known_lens=False))
-    for b in 'grz':
-        df[f'mag_{b}'], df[f'mw_transmission_{b}'] = mag[b], mw[b]
-        df[f'flux_{b}'] = 10 ** (-0.4 * (mag[b] - AB_ZP)) * mw[b]
-    df['mw_transmission_w1'] = mw['w1']
-    return df
-
-# %% ../nbs/24_inject.ipynb
-def _tiny_brick_pixels(rng, hosts:pd.DataFrame, wcs, pixels:int, psf:np.ndarray, depth:np.ndarray):
-    "Image, invvar, psfsize maps of a tiny brick: PSF-convolved de Vaucouleurs hosts plus sky noise."
-    image = np.zeros((3, pixels, pixels))
-    yy, xx = np.indices((pixels, pixels))
-    for h in hosts.itertuples():
-        x, y = wcs.world_to_pixel_values(h.ra, h.dec)
-        q = (1 - np.hypot(h.shape_e1, h.shape_e2)) / (1 + np.hypot(h.shape_e1, h.shape_e2))
-        prof = SersicSource(h.shape_r, 4.0, q, 0.3).sb((xx - x) * PIXSCALE_ARCSEC, (yy - y) * PIXSCALE_ARCSEC) * PIXSCALE_ARCSEC**2
-        for i, b in enumerate('grz'): image[i] += getattr(h, f'flux_{b}') * prof
-    image = np.stack([convolve(image[i], gaussian_kernel(psf[i])) for i in range(3)])
-    invvar = np.broadcast_to(depth[:, None, None], image.shape).astype(np.float32)
-    image += rng.normal(size=image.shape) / np.sqrt(invvar)
-    psfsize = np.broadcast_to(psf[:, None, None], image.shape).astype(np.float32).copy()
-    return image.astype(np.float32), invvar, psfsize
-
-# %% ../nbs/24_inject.ipynb
-def _tiny_tasks(hosts:pd.DataFrame, experiment:str, split:str, region:int, source_kinds:dict, tasks_per_host:int=1)->pd.DataFrame:
-    "Positives (`tasks_per_host` replicates) and a paired control each per host, parameters drawn with phase 4a's `draw_task`."
-    from dhs.manifest import DrawConfig, draw_task
-    bank = template_bank('hdf')
-    draw = DrawConfig(source_kinds=source_kinds, n_templates_train=len(bank.split_ids('train')),
-                      n_templates_test=len(bank.split_ids('test')))
-    rows = []
-    for h, k in ((h, k) for h in hosts.to_dict('records') for k in range(tasks_per_host)):
-        tid = f'{experiment}-{h["host_id"]}-{k}'
-        for task_id, ctl, kind in ((tid, 0, 'none'), (f'{tid}-c0', 1, 'paired')):
-            rows.append({**h, 'task_id': task_id, 'partner_task_id': tid, 'is_control': ctl, 'control_kind': kind,
-                         'replicate': k, 'region_split': split, 'region_id': region,
-                         **draw_task(task_id, experiment, h, split, draw)})
-    return pd.DataFrame(rows)
-
-# %% ../nbs/24_inject.ipynb
-def write_tiny_sky(base:str|Path,            # folder to write bricks under (DR10 layout)
-                   n_bricks:int=2, pixels:int=160, hosts_per_brick:int=4, seed:int=0, tasks_per_host:int=1,
-                   psf_hole:bool=True,        # psfsize = 0 around the first host of brick 0 (no coverage)
-                   masks:bool=True,           # a WISEM1 patch in brick 0 and a BRIGHT patch in brick 1
-                   source_kinds:dict|None=None, experiment:str='tiny')->pd.DataFrame:
-    "Write tiny DR10-layout bricks with LRG-like hosts; return manifest-like tasks (positive + paired control per host)."
-    from dhs.survey import brick_wcs, brickname, write_brick_coadds
-    from dhs.survey import depth5_mag
-    rng, out, splits = np.random.default_rng(seed), [], ('train', 'test', 'val')
-    for i in range(n_bricks):
-        ra0, dec0 = 150.125 + 0.25 * i, 1.125
-        brick, wcs = brickname(ra0, dec0), brick_wcs(ra0, dec0, pixels)
-        hosts = _tiny_hosts(rng, brick, ra0, dec0, wcs, hosts_per_brick, pixels, 40)
-        psf, depth = rng.uniform(1.0, 1.8, 3), np.array([1200.0, 500.0, 80.0]) * rng.uniform(0.7, 1.3)
-        image, invvar, psfsize = _tiny_brick_pixels(rng, hosts, wcs, pixels, psf, depth)
-        maskbits = np.zeros((pixels, pixels), np.int32)
-        if masks: maskbits[: pixels // 4] |= 1 << MASKBITS['WISEM1' if i == 0 else 'BRIGHT']
-        x, y = (int(round(float(v))) for v in wcs.world_to_pixel_values(hosts.ra[0], hosts.dec[0]))
-        if psf_hole and i == 0: psfsize[:, y - 3:y + 4, x - 3:x + 4] = 0.0
-        write_brick_coadds(base, brick, wcs, image, invvar, psfsize, maskbits)
-        for j, b in enumerate('grz'):
-            hosts[f'psfsize_{b}'], hosts[f'psfdepth_{b}'], hosts[f'galdepth_{b}'] = psf[j], depth[j] * 1.5, depth[j]
-        hosts['depth5_r'] = depth5_mag(hosts['galdepth_r'])
-        kinds = source_kinds or {'sersic': 0.5, 'clumpy': 0.25, 'template': 0.25}
-        out.append(_tiny_tasks(hosts, experiment, splits[i % 3], i, kinds, tasks_per_host))
-    return _manifest_columns(pd.concat(out, ignore_index=True), experiment)
-
-def _manifest_columns(t:pd.DataFrame, experiment:str)->pd.DataFrame:
-    "Columns phase 4a adds after drawing: experiment, grid, lens model, theta_E/PSF, bins."
-    t['experiment_id'], t['grid'] = experiment, 'v4_sota'
-    t['lens_model'] = np.where(t['is_control'] == 1, 'CONTROL', 'SIE')
-    t['theta_over_psf'] = theta_e_over_psfsize(t['theta_e_arcsec'], t['psfsize_r'])
-    for b in ('psf_bin', 'depth_bin', 'zmag_bin', 'shape_bin'): t[b] = 0
-    return t
 
 # %% ../nbs/24_inject.ipynb
 _S, _F, _I, _L, _B = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()

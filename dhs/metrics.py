@@ -12,10 +12,10 @@ from sklearn.metrics import roc_curve, roc_auc_score
 from .stamps import theta_over_psf
 
 # %% auto 0
-__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'TRUTH_CLASSES', 'Population', 'psf_fwhm_r', 'clopper_pearson',
-           'labels_from_meta', 'roc_table', 'fit_thresholds', 'apply_thresholds', 'tpr_at_fpr', 'bootstrap_tpr_at_fpr',
-           'auroc', 'rates_at_prevalence', 'reliability', 'ece', 'logit', 'sigmoid', 'fit_temperature',
-           'apply_temperature', 'headline', 'evaluate_split', 'synthetic_score_table']
+__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'Population', 'psf_fwhm_r', 'clopper_pearson', 'labels_from_meta',
+           'roc_table', 'fit_thresholds', 'apply_thresholds', 'tpr_at_fpr', 'bootstrap_tpr_at_fpr', 'auroc',
+           'rates_at_prevalence', 'reliability', 'ece', 'logit', 'sigmoid', 'fit_temperature', 'apply_temperature',
+           'headline', 'evaluate_split']
 
 # %% ../nbs/40_metrics.ipynb
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4, 1e-5)  # the FPRs of the seed's tables
@@ -233,42 +233,3 @@ def evaluate_split(df:pd.DataFrame, population:Population|None=None, fprs=DEFAUL
     thr = fit_thresholds(rows['val'][score_col], labels_from_meta(rows['val']), fprs)
     test = rows[pop.split or 'test']
     return apply_thresholds(test[score_col], labels_from_meta(test), thr, population_text or pop.describe(), cl), thr
-
-# %% ../nbs/40_metrics.ipynb
-TRUTH_CLASSES = ('lrg', 'spiral', 'ring', 'merger', 'blue_companion')
-_CONTAMINANT_SHIFT = dict(lrg=0.0, spiral=2.0, ring=4.0, merger=3.0, blue_companion=2.5)   # evidence shift of negatives
-
-def _log_mixture(grid, centres, weights):
-    "log of sum_j w_j N(grid; c_j, 1) on a grid."
-    return np.logaddexp.reduce(np.log(weights)[None] - 0.5 * (grid[:, None] - centres[None]) ** 2, axis=1) - 0.5 * np.log(2 * np.pi)
-
-def _posterior_logit(e, mu_pos, shift_neg, n_grid:int=2000):
-    "log P(lens | e) / P(neg | e) for unit-variance evidence mixtures (equal priors), interpolated on a grid."
-    grid = np.linspace(e.min() - 1, e.max() + 1, n_grid)
-    cp, wp = np.unique(np.round(mu_pos, 2), return_counts=True)
-    cn, wn = np.unique(shift_neg, return_counts=True)
-    return np.interp(e, grid, _log_mixture(grid, cp, wp / wp.sum()) - _log_mixture(grid, cn, wn / wn.sum()))
-
-def synthetic_score_table(n:int=20000, seed:int=0, overconfidence:float=2.5)->pd.DataFrame:
-    "Toy phase 5 score table: metadata columns and a `score` that depends on theta_E/PSF, arc S/N and contaminant class."
-    rng = np.random.default_rng(seed)
-    ctrl = (rng.random(n) < 0.5).astype(int)
-    fwhm, theta = np.clip(rng.lognormal(np.log(1.3), 0.18, n), 0.8, 2.4), rng.uniform(0.5, 2.5, n)
-    galdepth = 25 * 10 ** (0.8 * (rng.normal(24.2, 0.3, n) - 22.5))           # ivar [1/nmgy^2] of a 5-sigma depth ~24.2
-    depth5 = -2.5 * (np.log10(5 / np.sqrt(galdepth)) - 9)
-    dmag, mag_r = rng.uniform(0.5, 5.0, n), rng.uniform(18.5, 21.5, n)
-    lensed = mag_r + dmag - 2.5 * np.log10(rng.uniform(2, 10, n))      # magnification 2-10
-    snr = 2.5 * 10 ** (-0.4 * (lensed - depth5)) / np.sqrt(1 + 4 * theta / fwhm)   # arcs spread over more pixels than a PSF
-    truth = np.where(ctrl == 1, rng.choice(TRUTH_CLASSES, n, p=[0.9, 0.04, 0.02, 0.02, 0.02]), 'lrg')
-    mu = np.clip(2.0 * np.clip(theta / fwhm, 0, 2.5) + 2.0 * np.log(np.maximum(snr, 1) / 5), 0, 14)
-    shift = pd.Series(truth).map(_CONTAMINANT_SHIFT).to_numpy()
-    e = np.where(ctrl == 0, rng.normal(mu, 1), rng.normal(shift, 1))
-    z = _posterior_logit(e, mu[ctrl == 0], shift[ctrl == 1])
-    return pd.DataFrame(dict(
-        task_id=[f'syn-{i:07d}' for i in range(n)], region_split=rng.choice(['train', 'val', 'test'], n, p=[0.2, 0.4, 0.4]),
-        is_control=ctrl, control_kind=np.where(ctrl == 1, rng.choice(['paired', 'unpaired'], n), 'none'),
-        source_kind=rng.choice(['sersic', 'clumpy', 'template'], n, p=[0.5, 0.25, 0.25]), theta_e_arcsec=theta,
-        src_dmag=dmag, psfsize_r=fwhm, psf_fwhm_used_r=fwhm, psfdepth_r=galdepth * 1.3, galdepth_r=galdepth,
-        depth5_r=depth5, arc_snr=snr, lensed_mag_r=lensed, mag_r=mag_r, mag_z=mag_r - rng.normal(1.5, 0.2, n),
-        ebv=rng.uniform(0, 0.1, n), theta_over_psf=theta / fwhm, truth_class=truth, host_id=[f'h{i}' for i in rng.permutation(n)],
-        score=sigmoid(overconfidence * z).astype('f4')))

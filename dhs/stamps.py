@@ -17,8 +17,8 @@ from .psf import theta_e_over_psfsize
 
 # %% auto 0
 __all__ = ['CONTRACT_FILE', 'BINARY_COLUMNS', 'load_contract', 'stamp_nbytes', 'encode_stamps', 'decode_stamps', 'encode_npz',
-           'decode_npz', 'stamp_shape', 'read_stamps', 'write_stamp_table', 'example_stamp_table', 'theta_over_psf',
-           'check_schema', 'validate_stamps', 'main']
+           'decode_npz', 'stamp_shape', 'read_stamps', 'write_stamp_table', 'theta_over_psf', 'check_schema',
+           'validate_stamps', 'main']
 
 # %% ../nbs/23_stamps.ipynb
 CONTRACT_FILE = 'stamp_contract.json'
@@ -100,23 +100,6 @@ def write_stamp_table(table:pa.Table, dest, config=None, **extra):
     if is_local(dest):
         with atomic_path(local_path(dest)) as tmp: pq.write_table(table, tmp, **kw)
     else: pq.write_table(table, dest, **kw)
-
-# %% ../nbs/23_stamps.ipynb
-def example_stamp_table(n:int=8, seed:int=0, size:int=64)->pa.Table:
-    "A small table that satisfies the contract: noise stamps, half controls, two regions per split (for docs and tests)."
-    rng = np.random.default_rng(seed)
-    c = load_contract()
-    cols = {}
-    for name, kind in {**c['required']}.items():
-        cols[name] = {'int': np.zeros(n, 'i8'), 'float': rng.uniform(0.5, 2.0, n), 'string': np.array(['x'] * n, object),
-                      'bool': np.zeros(n, bool)}.get(kind)
-    cols.update(task_id=np.array([f'task-{i}' for i in range(n)], object), is_control=np.arange(n) % 2,
-                region_split=np.array(['train', 'val', 'test', 'train'] * (n // 4 + 1))[:n].astype(object),
-                region_id=np.array([1, 2, 3, 4] * (n // 4 + 1))[:n], stamp_size=np.full(n, size), bandset=np.array(['grz'] * n, object),
-                cutout_ok=np.ones(n, 'i4'), lens_model=np.where(np.arange(n) % 2, 'CONTROL', 'SIE').astype(object),
-                ab_zp_nmgy=np.full(n, 22.5), bad_pixel_frac=np.zeros(n), wise_brightmask_frac=np.zeros(n))
-    t = pa.table({k: v for k, v in cols.items() if k != 'stamp'})
-    return t.append_column('stamp', encode_stamps(rng.normal(0, 0.01, (n, 3, size, size)).astype('f4')))
 
 # %% ../nbs/23_stamps.ipynb
 def theta_over_psf(df:pd.DataFrame)->pd.Series:

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from dhs.data import (Filters, Preprocess, StampDataset, batches_per_rank, preprocess, select_rows, synthetic_stamp_table)
+from dhs.data import (Filters, Preprocess, StampDataset, batches_per_rank, preprocess, select_rows)
+from dhs.toys import synthetic_stamp_table
 from dhs.stamps import decode_stamps, write_stamp_table
 
 torch.set_num_threads(1)

@@ -3,8 +3,7 @@ import json
 from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
-from dhs.metrics import synthetic_score_table
-from dhs.gates import toy_gate_set, toy_stamp_table
+from dhs.toys import synthetic_score_table, toy_gate_set, toy_stamp_table
 
 NB = Path(__file__).parents[1]/'nbs'/'runs'/'07_evaluate.ipynb'
 

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from dhs.gates import (GateConfig, run_gates, toy_gate_set, toy_score_fn, toy_stamp_table, core_radii, noise_sigma,
-                       suppress_annulus, annulus_mask, main)
+from dhs.gates import GateConfig, run_gates, core_radii, noise_sigma, suppress_annulus, annulus_mask, main
+from dhs.toys import toy_gate_set, toy_score_fn, toy_stamp_table
 
 
 def _halves(s):
@@ -113,7 +113,7 @@ def test_cli_scorer_and_scores(toys, tmp_path, monkeypatch):
     pq.write_table(toy_stamp_table(ev), tmp_path/'core.parquet')
     # a scorer factory importable as module:function, and a score table joined on task_id
     (tmp_path/'toyscorer.py').write_text(
-        'import numpy as np\nfrom dhs.gates import toy_gate_set, toy_score_fn\n'
+        'import numpy as np\nfrom dhs.toys import toy_gate_set, toy_score_fn\n'
         'def factory(checkpoint):\n    s = toy_gate_set(200, "core", seed=int(checkpoint))\n'
         '    return toy_score_fn("core", s["images"], s["labels"])\n')
     monkeypatch.syspath_prepend(str(tmp_path))

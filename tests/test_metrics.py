@@ -5,7 +5,8 @@ import pytest
 from scipy import stats
 from dhs.metrics import (clopper_pearson, roc_table, fit_thresholds, apply_thresholds, tpr_at_fpr, bootstrap_tpr_at_fpr,
                          auroc, ece, fit_temperature, apply_temperature, sigmoid, logit, rates_at_prevalence, evaluate_split,
-                         synthetic_score_table, Population, headline)
+                         Population, headline)
+from dhs.toys import synthetic_score_table
 from dhs.selection import completeness_surface, apply_surface, save_surface, load_surface, stratified_tables
 
 

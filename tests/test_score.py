@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from dhs import cli
-from dhs.data import Preprocess, dihedral, synthetic_stamp_table
+from dhs.data import Preprocess, dihedral
+from dhs.toys import synthetic_stamp_table
 from dhs.models import LensFinder
 from dhs.score import score_table
 from dhs.stamps import decode_stamps, encode_stamps

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dhs.data import Augment, Filters, batches_per_rank, synthetic_stamp_table
+from dhs.data import Augment, Filters, batches_per_rank
+from dhs.toys import synthetic_stamp_table
 from dhs.train import cpu_demo_config, fit, load_checkpoint, model_from_checkpoint
 
 torch.set_num_threads(1)
