@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 # %% auto 0
 __all__ = ['TRUTH_CLASSES', 'TOY_NOISE', 'TOY_HOST_COLOUR', 'TOY_SOURCE_COLOUR', 'pixel_grid', 'pixel_mean',
            'synthetic_stamp_table', 'synthetic_score_table', 'toy_gate_set', 'asymmetry_excess', 'toy_score_fn',
-           'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table']
+           'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table', 'mock_brick_case']
 
 # %% ../nbs/09_toys.ipynb
 def pixel_grid(size:int, oversample:int=1, dx:float=0.0, dy:float=0.0, pixscale:float=PIXSCALE_ARCSEC):
@@ -364,3 +364,26 @@ def example_stamp_table(n:int=8, seed:int=0, size:int=64)->pa.Table:
                 ab_zp_nmgy=np.full(n, 22.5), bad_pixel_frac=np.zeros(n), wise_brightmask_frac=np.zeros(n))
     t = pa.table({k: v for k, v in cols.items() if k != 'stamp'})
     return t.append_column('stamp', encode_stamps(rng.normal(0, 0.01, (n, 3, size, size)).astype('f4')))
+
+# %% ../nbs/09_toys.ipynb
+def mock_brick_case():
+    "A simulated mock-sky brick and its intermediate products, as a namespace (for the mock-sky notebooks and tests)."
+    from types import SimpleNamespace
+    from dhs import survey
+    from dhs.mocksky import MockSkyConfig, lenscat_lenses, choose_lenses
+    from dhs.mockpop import draw_conditions, draw_maps, draw_brick_objects, draw_lrg_hosts, TRUTH_DEFAULTS
+    from dhs.mockrender import render_model, make_images
+    k = SimpleNamespace(cfg=MockSkyConfig(), bricks_all=survey.make_bricks_table())
+    k.cond, k.lrg = draw_conditions(np.random.default_rng(3), k.cfg), draw_lrg_hosts(np.random.default_rng(5), 400)
+    k.chosen = choose_lenses(lenscat_lenses()[0], k.bricks_all, 5)
+    l0 = k.chosen.iloc[2]
+    k.brick_t = dict(k.bricks_all.set_index('BRICKNAME').loc[l0.brickname, ['RA', 'DEC']], BRICKNAME=l0.brickname, npix=280,
+                     lens_name=l0['name'], lens_ra=l0.ra, lens_dec=l0.dec)
+    k.cfg_t = MockSkyConfig(rate_ring=0.5, rate_companion=0.5, lrg_per_arcmin2=30.0)
+    wcs = survey.brick_wcs(k.brick_t['RA'], k.brick_t['DEC'], 280)
+    k.tt = draw_brick_objects(np.random.default_rng(12), k.cfg_t, k.brick_t, wcs, draw_maps(np.random.default_rng(4), k.cond, 280, k.cfg_t))
+    k.tt_maps = draw_maps(np.random.default_rng(4), k.cond, 280, k.cfg_t)
+    k.model_t, k.fiber_t, k.stamps_t = render_model(k.tt, k.tt_maps, k.cond)
+    tb = k.tt.copy(); tb.loc[len(tb)] = dict(TRUTH_DEFAULTS, cls='bright_star', x=140.0, y=140.0, gaia_g=11.0, sweep_type='PSF')
+    k.img_t, k.iv_t, k.mb_t = make_images(np.random.default_rng(14), k.model_t, k.tt_maps, tb, MockSkyConfig(bad_regions_per_band=3.0))
+    return k

@@ -10,8 +10,9 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from dhs import survey
-from dhs.mocksky import (MockSkyConfig, generate_mock_sky, plan_bricks, simulate_brick, object_model, CONTAMINANT_KINDS,
-                         bright_star_radius_arcsec)
+from dhs.mocksky import MockSkyConfig, generate_mock_sky, plan_bricks, simulate_brick, object_model
+from dhs.mockpop import CONTAMINANT_KINDS
+from dhs.mockrender import bright_star_radius_arcsec
 
 PIX = 0.262
 FWHM_PER_SIGMA = 2 * np.sqrt(2 * np.log(2))
