@@ -20,6 +20,7 @@ COMMANDS = {  # name -> (module with main(argv), one-line help)
     'validate': ('dhs.stamps', 'check a stamp table against the stamp contract'),
     'train': ('dhs.train', 'phase 5: train a lens finder'),
     'score': ('dhs.score', 'phase 5: score a stamp table with one or more checkpoints'),
+    'evaluate': ('dhs.evaluate', 'phase 6: evaluate a run folder (TPR at fixed FPR, stratified rates, surfaces, calibration, gates)'),
     'gates': ('dhs.gates', 'shortcut gates of a scored stamp table'),
     'hard-negatives': ('dhs.hardneg', 'mine high-scoring negatives for retraining'),
     'search': ('dhs.search', 'score every parent LRG of given bricks and rank candidates'),

@@ -29,7 +29,7 @@ __all__ = ['META_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radi
            'core_radii', 'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'annulus_mask',
            'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport',
            'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'run_gates', 'load_gate_inputs',
-           'main']
+           'load_scorer', 'main', 'model_auroc_result']
 
 # %% ../nbs/42_gates.ipynb
 META_COLUMNS = ('psfsize_r', 'psf_fwhm_used_r', 'psfdepth_r', 'galdepth_r', 'ebv', 'mag_r', 'mag_z', 'bad_pixel_frac',
@@ -386,7 +386,7 @@ def _gate_arrays(images:np.ndarray, meta:pd.DataFrame, scores=None)->dict:
     return out
 
 # %% ../nbs/42_gates.ipynb
-def _load_scorer(spec:str, checkpoint:str=''):
+def load_scorer(spec:str, checkpoint:str=''):
     "score_fn from 'module:factory': factory(checkpoint) if a checkpoint is given, else factory()."
     mod, _, name = spec.partition(':')
     if not name: raise ValueError(f"--scorer {spec!r}: expected 'module:function' (a function returning score_fn(images) -> scores)")
@@ -410,16 +410,16 @@ def main(argv:list|None=None)->int:
     cfg = GateConfig(**{f: getattr(a, f) for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max',
                                                   'metadata_auc_max', 'max_stamps', 'seed', 'n_folds')})
     g = load_gate_inputs(a.stamps, a.split, cfg.max_stamps, cfg.seed, a.scores or None)
-    score_fn = _load_scorer(a.scorer, a.checkpoint) if a.scorer else None
+    score_fn = load_scorer(a.scorer, a.checkpoint) if a.scorer else None
     rep = run_gates(g['images'], g['labels'], cfg, g['theta_e'], g['psf_fwhm'], None, None, g['controls'], score_fn, g['meta'],
                     a.population or f'{a.stamps} ({a.split or "all"} split)')
-    if g['model_scores'] is not None: rep.results.append(_model_auroc(g['model_scores'], g['labels']))
+    if g['model_scores'] is not None: rep.results.append(model_auroc_result(g['model_scores'], g['labels']))
     rep.write(a.out)
     print(rep.to_frame().to_string(index=False))
     print(f"gates: {'PASS' if rep.passed else 'FAIL'} -> {Path(a.out)/'gates.json'}")
     return 0 if rep.passed else 1
 
-def _model_auroc(scores, y)->GateResult:
+def model_auroc_result(scores, y)->GateResult:
     "The model's AUROC on the gate stamps (reported beside the gates)."
     ok = np.isfinite(scores)
     if ok.sum() == 0 or len(set(y[ok])) < 2: return GateResult('model_auroc', None, None, note='no scores for these stamps in the score table')
