@@ -4,16 +4,21 @@
 
 # %% ../nbs/00_core.ipynb 1
 from __future__ import annotations
-import dataclasses, datetime, hashlib, json, os, platform, subprocess, sys, tempfile, typing
+import dataclasses, datetime, glob, hashlib, json, os, platform, shutil, subprocess, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import fsspec
 import dhs
 
 # %% auto 0
 __all__ = ['task_seed', 'task_rng', 'seed_to_int64', 'seed_from_int64', 'config_dict', 'config_from_dict', 'git_commit',
-           'provenance', 'is_local', 'local_path', 'uri_join', 'atomic_path', 'write_json', 'repo_root', 'runs_dir']
+           'provenance', 'is_local', 'local_path', 'uri_join', 'atomic_path', 'write_json', 'filesystem', 'uri_exists',
+           'uri_glob', 'read_parquet', 'with_metadata', 'write_parquet', 'parquet_metadata', 'local_copy', 'repo_root',
+           'runs_dir']
 
 # %% ../nbs/00_core.ipynb
 def task_seed(task_id:str|int, # task identifier (any value with a stable `str`)
@@ -117,6 +122,61 @@ def write_json(obj, dest:str|Path, storage_options:dict|None=None):
         with fsspec.open(str(dest), 'w', **(storage_options or {})) as f: f.write(text)
         return
     with atomic_path(local_path(dest)) as tmp: Path(tmp).write_text(text)
+
+# %% ../nbs/00_core.ipynb
+def filesystem(uri:str|Path, storage_options:dict|None=None)->tuple:
+    "(fsspec filesystem, path inside it) of a local path or any URI."
+    return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+
+def uri_exists(uri:str|Path, storage_options:dict|None=None)->bool:
+    "True if a file or folder exists at a local path or URI."
+    if is_local(uri): return local_path(uri).exists()
+    fs, p = filesystem(uri, storage_options)
+    return fs.exists(p)
+
+def uri_glob(pattern:str, storage_options:dict|None=None)->list[str]:
+    "Sorted paths (local) or URIs (remote, scheme kept) matching a glob pattern."
+    if is_local(pattern): return sorted(glob.glob(str(local_path(pattern))))
+    fs, p = filesystem(pattern, storage_options)
+    return sorted(fs.unstrip_protocol(q) for q in fs.glob(p))
+
+# %% ../nbs/00_core.ipynb
+def read_parquet(uri:str|Path, columns:list|None=None, storage_options:dict|None=None)->pd.DataFrame:
+    "Columns of a Parquet file or folder at a local path or URI."
+    if is_local(uri): return pq.read_table(local_path(uri), columns=columns).to_pandas()
+    fs, p = filesystem(uri, storage_options)
+    return pq.read_table(p, columns=columns, filesystem=fs).to_pandas()
+
+def with_metadata(table, meta:dict)->pa.Table:
+    "An Arrow table (or DataFrame) with key-value metadata added: str values as they are, anything else as JSON."
+    t = pa.Table.from_pandas(table, preserve_index=False) if isinstance(table, pd.DataFrame) else table
+    enc = {k.encode(): (v if isinstance(v, str) else json.dumps(v, default=str)).encode() for k, v in meta.items()}
+    return t.replace_schema_metadata({**(t.schema.metadata or {}), **enc})
+
+def write_parquet(table, uri:str|Path, storage_options:dict|None=None, **kw)->str:
+    "Write an Arrow table (or DataFrame) to Parquet: atomically to a local path, whole to any URI; `kw` go to pyarrow."
+    t = pa.Table.from_pandas(table, preserve_index=False) if isinstance(table, pd.DataFrame) else table
+    if is_local(uri):
+        with atomic_path(local_path(uri)) as tmp: pq.write_table(t, tmp, **kw)
+    else:
+        fs, p = filesystem(uri, storage_options)
+        pq.write_table(t, p, filesystem=fs, **kw)
+    return str(uri)
+
+def parquet_metadata(path:str|Path, key:str)->str|None:
+    "The key-value metadata entry `key` of a Parquet file (None if absent)."
+    v = (pq.read_schema(path).metadata or {}).get(key.encode())
+    return None if v is None else v.decode()
+
+# %% ../nbs/00_core.ipynb
+@contextmanager
+def local_copy(uri:str|Path, suffix:str='', storage_options:dict|None=None):
+    "Yield a local path of the file `uri`: the path itself when local, else a temporary copy removed afterwards."
+    if is_local(uri): yield local_path(uri); return
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with fsspec.open(str(uri), 'rb', **(storage_options or {})) as src: shutil.copyfileobj(src, tmp)
+        tmp.flush()
+        yield Path(tmp.name)
 
 # %% ../nbs/00_core.ipynb
 def repo_root()->Path:

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import dhs
-from .core import atomic_path, config_dict, is_local, local_path, provenance, seed_from_int64, uri_join, write_json
+from .core import is_local, local_path, provenance, read_parquet, seed_from_int64, uri_exists, uri_glob, uri_join, write_json
 from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, MASKBITS, StampOffBrickError, SurveyFileError,
                         bad_pixel_mask, maskbits_value)
 from .lensing import Lens, check_lens, image_positions, stretch
@@ -308,11 +308,6 @@ class InjectionFailedError(RuntimeError):
 STATUS_SCHEMA = pa.schema([('task_id', pa.string()), ('brickname', pa.string()), ('cutout_ok', pa.int32()),
                            ('failure_reason', pa.string()), ('seconds', pa.float64()), ('group', pa.int64())])
 
-def _exists(uri:str)->bool:
-    if is_local(uri): return local_path(uri).exists()
-    import fsspec
-    fs, p = fsspec.core.url_to_fs(uri); return fs.exists(p)
-
 # %% ../nbs/24_inject.ipynb
 def _run_partition(batches, cfg:InjectConfig, stamps_uri:str, n_groups:int):
     "mapInArrow body: the groups of one partition, one file each (skipped if already written)."
@@ -321,17 +316,14 @@ def _run_partition(batches, cfg:InjectConfig, stamps_uri:str, n_groups:int):
     tasks = pa.Table.from_batches(parts).to_pandas()
     for gid, gt in tasks.groupby('group', sort=True):
         dest = uri_join(stamps_uri, group_file(int(gid), n_groups))
-        if _exists(dest): continue  # written by an earlier attempt of this task or an earlier run
+        if uri_exists(dest): continue  # written by an earlier attempt of this task or an earlier run
         st = run_group(gt.drop(columns='group'), cfg, dest).assign(group=int(gid))
         yield pa.RecordBatch.from_pandas(st, schema=STATUS_SCHEMA, preserve_index=False)
 
 # %% ../nbs/24_inject.ipynb
 def _prepare_out(stamps_uri:str, n_groups:int)->set:
     "Group ids already written; refuses an output folder written with another grouping; removes stale temp files."
-    if not is_local(stamps_uri):
-        import fsspec
-        fs, p = fsspec.core.url_to_fs(stamps_uri)
-        names = [Path(f).name for f in fs.glob(p.rstrip('/') + '/part-*.parquet')]
+    if not is_local(stamps_uri): names = [Path(f).name for f in uri_glob(uri_join(stamps_uri, 'part-*.parquet'))]
     else:
         d = local_path(stamps_uri); d.mkdir(parents=True, exist_ok=True)
         for stale in d.glob('.part-*.part'): stale.unlink()          # debris of a killed writer (atomic_path)
@@ -344,7 +336,7 @@ def _prepare_out(stamps_uri:str, n_groups:int)->set:
 # %% ../nbs/24_inject.ipynb
 def _check_output(stamps_uri:str, want:set, cfg:InjectConfig)->dict:
     "Read back what was written: duplicates, tasks missing from `want` (the manifest's ids), failed fraction and the worst bricks."
-    got = _read_parquet(stamps_uri, ['task_id', 'brickname', 'cutout_ok', 'failure_reason', 'region_split', 'is_control'])
+    got = read_parquet(stamps_uri, ['task_id', 'brickname', 'cutout_ok', 'failure_reason', 'region_split', 'is_control'])
     dup = got['task_id'][got['task_id'].duplicated()].unique().tolist()
     missing, extra = sorted(want - set(got['task_id'])), sorted(set(got['task_id']) - want)
     if dup or missing or extra:
@@ -374,18 +366,6 @@ def tasks_uri(manifest_uri:str)->str:
     "The tasks Parquet of a manifest: `<uri>/tasks` when `uri` is a phase 4a output folder, else `uri`."
     if is_local(manifest_uri) and (local_path(manifest_uri)/'tasks').is_dir(): return uri_join(manifest_uri, 'tasks')
     return manifest_uri
-
-def _write_report(obj:dict, uri:str):
-    if is_local(uri): write_json(obj, local_path(uri)); return
-    import fsspec
-    with fsspec.open(uri, 'w') as f: json.dump(obj, f, indent=2, default=str)
-
-def _read_parquet(uri:str, columns:list)->pd.DataFrame:
-    "Some columns of a Parquet file or folder, local or any fsspec URI (driver side)."
-    if is_local(uri): return pq.read_table(local_path(uri), columns=columns).to_pandas()
-    import fsspec
-    fs, path = fsspec.core.url_to_fs(uri)
-    return pq.read_table(path, columns=columns, filesystem=fs).to_pandas()
 
 def _partition_keys(spark, n:int)->list[int]:
     "For k = 0..n-1 a long whose Spark hash partition among n is k (so each group gets a partition of its own)."
@@ -418,7 +398,7 @@ def run_inject(cfg:InjectConfig, spark=None)->dict:
     from dhs.spark import get_spark
     t0, spark = time.time(), spark or get_spark()
     uri, stamps_uri = tasks_uri(cfg.manifest_uri), uri_join(cfg.out_uri, 'stamps')
-    index = _read_parquet(uri, ['task_id', 'brickname'])                       # driver side: no Spark job
+    index = read_parquet(uri, ['task_id', 'brickname'])                       # driver side: no Spark job
     if not len(index): raise ValueError(f'{uri}: the manifest has no tasks; run phase 4a (dhs manifest) first')
     groups = brick_groups(index['brickname'].value_counts().to_dict(), cfg.tasks_per_file)
     n_groups = max(groups.values(), default=-1) + 1
@@ -428,9 +408,9 @@ def run_inject(cfg:InjectConfig, spark=None)->dict:
     report = _check_output(stamps_uri, set(index['task_id']), cfg)
     summary = provenance(cfg, phase='inject', n_groups=n_groups, groups_skipped=len(done), groups_run=len({r['group'] for r in status}),
                          rows_written_now=len(status), seconds=round(time.time() - t0, 2), **report)
-    _write_report(summary, uri_join(cfg.out_uri, 'inject_summary.json'))
+    write_json(summary, uri_join(cfg.out_uri, 'inject_summary.json'))
     if report['failed_fraction'] > cfg.max_fail_frac:
-        _write_report(report, uri_join(cfg.out_uri, 'inject_failures.json'))
+        write_json(report, uri_join(cfg.out_uri, 'inject_failures.json'))
         raise InjectionFailedError(_failure_message(report, cfg))
     return summary
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join
+from .core import write_parquet, with_metadata, task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join
 from .lensing import Lens, shear_from_polar, sample_source_position
 from .sources import tractor_shape_to_q_phi, ellipticity_to_q, draw_source_colours
 from .survey import depth5_mag
@@ -304,22 +304,12 @@ def _write_summary(spark, cfg, splits, region_hosts, edges, n_parent, seconds)->
                         host_fraction=round(sum(region_hosts[r] for r in region_hosts if splits[r] == s) / max(n_hosts, 1), 4),
                         tasks=int(counts.loc[counts.region_split == s, 'count'].sum())) for s in SPLITS}
     table = pd.DataFrame({'region_id': list(splits), 'region_split': list(splits.values()), 'nside': cfg.nside})
-    _write_parquet_local_or_remote(table, uri_join(cfg.out_uri, 'splits.parquet'), cfg)
+    write_parquet(with_metadata(table, dict(dhs_provenance=provenance(cfg))), uri_join(cfg.out_uri, 'splits.parquet'))
     summary = provenance(cfg, phase='manifest', n_parent=n_parent, n_hosts=n_hosts, n_tasks=int(counts['count'].sum()),
                          grid_size=len(grid_configs(cfg.draw.grid)) if cfg.draw.grid in GRIDS else None,
                          by_split=by_split, counts=counts.to_dict('records'), bin_edges=edges, seconds=round(seconds, 1))
     write_json(summary, uri_join(cfg.out_uri, 'manifest_summary.json'))
     return summary
-
-def _write_parquet_local_or_remote(df:pd.DataFrame, uri:str, cfg):
-    "Write a small table with provenance in the Parquet key-value metadata."
-    import pyarrow as pa, pyarrow.parquet as pq
-    t = pa.Table.from_pandas(df, preserve_index=False)
-    t = t.replace_schema_metadata({**(t.schema.metadata or {}), b'dhs_provenance': json.dumps(provenance(cfg), default=str).encode()})
-    if is_local(uri):
-        from dhs.core import atomic_path
-        with atomic_path(local_path(uri)) as tmp: pq.write_table(t, tmp)
-    else: pq.write_table(t, uri)
 
 # %% ../nbs/21_manifest.ipynb
 def parse_source_kinds(text:str)->dict:

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.interpolate import RegularGridInterpolator
-from .core import task_seed, task_rng, atomic_path, write_json, config_dict, config_from_dict, provenance
+from .core import write_parquet, with_metadata, parquet_metadata, task_seed, task_rng, atomic_path, write_json, config_dict, config_from_dict, provenance
 from . import survey
 from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, brick_wcs, nearest_pixel
 from .sources import sersic_sb, elliptical_radius, mag_to_nmgy, nmgy_to_mag, q_phi_to_tractor_shape, draw_source_colours
@@ -126,14 +126,11 @@ def brick_work_paths(out:str|Path, name:str)->tuple[Path, Path]:
 # %% ../nbs/08_mockfiles.ipynb
 def write_parquet_meta(df:pd.DataFrame, path:Path, meta:dict):
     "Write `df` to Parquet atomically with JSON key-value metadata under b'dhs'."
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b'dhs': json.dumps(meta, default=str).encode()})
-    with atomic_path(path) as tmp: pq.write_table(table, tmp)
+    write_parquet(with_metadata(df, dict(dhs=meta)), path)
 
 def parquet_meta(path:str|Path)->dict:
     "The b'dhs' JSON metadata of a Parquet file written by `write_parquet_meta` ({} if absent)."
-    md = pq.read_schema(path).metadata or {}
-    return json.loads(md[b'dhs']) if b'dhs' in md else {}
+    return json.loads(parquet_metadata(path, 'dhs') or '{}')
 
 def brick_summary(sim:SimulatedBrick, seconds:float)->dict:
     "JSON-ready record of a brick: plan row, conditions, counts per class, seconds."

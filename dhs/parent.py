@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import config_dict, provenance, write_json, uri_join, is_local, local_path
+from .core import provenance, write_json, uri_join, is_local, local_path, local_copy, uri_glob
 
 # %% auto 0
 __all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south', 'desi_lrg_cuts',
@@ -170,12 +170,7 @@ def host_table(df:pd.DataFrame, lenses:pd.DataFrame, radius_arcsec:float, sweep_
 def _read_any(uri:str, columns:list, storage_options:dict|None=None)->pd.DataFrame:
     "Read sweep columns from a local path or any fsspec URI."
     from dhs.survey import read_sweep
-    if is_local(uri): return read_sweep(local_path(uri), columns=columns)
-    import fsspec
-    with tempfile.NamedTemporaryFile(suffix='.fits') as tmp:
-        with fsspec.open(uri, 'rb', **(storage_options or {})) as src: shutil.copyfileobj(src, tmp)
-        tmp.flush()
-        return read_sweep(tmp.name, columns=columns)
+    with local_copy(uri, '.fits', storage_options) as path: return read_sweep(path, columns=columns)
 
 def process_sweep(uri:str, selection:str, lenses:pd.DataFrame, radius_arcsec:float,
                   storage_options:dict|None=None)->tuple[pd.DataFrame|None, dict]:
@@ -205,11 +200,7 @@ def list_sweeps(cfg:ParentConfig)->list[str]:
     "Sweep files to read: `cfg.sweep_files`, else those matching `cfg.sweep_glob` under `cfg.sky_uri`."
     if cfg.sweep_files: return list(cfg.sweep_files)
     pattern = uri_join(cfg.sky_uri, cfg.sweep_glob)
-    if is_local(pattern): files = sorted(glob.glob(str(local_path(pattern))))
-    else:
-        import fsspec
-        fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=cfg.storage_options)
-        files = sorted(fs.unstrip_protocol(p) for p in paths)
+    files = uri_glob(pattern, cfg.storage_options)
     if not files: raise FileNotFoundError(f'no sweep files match {pattern}; check --sky (a DR10 root holding {cfg.sweep_glob})')
     return files
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from .core import atomic_path, provenance
+from .core import atomic_path, provenance, write_parquet, with_metadata
 from .survey import depth5_mag
 from .stamps import theta_over_psf
 from .metrics import DEFAULT_CL, clopper_pearson, psf_fwhm_r
@@ -162,10 +162,7 @@ def completeness_surface(df:pd.DataFrame, threshold:float, x:str='theta_e', y:st
 # %% ../nbs/41_selection.ipynb
 def save_surface(surface:pd.DataFrame, path, **extra)->Path:
     "Write a surface to Parquet with its axes, edges, threshold and population (and provenance) in the metadata."
-    meta = {'dhs_surface': json.dumps(surface.attrs, default=float), 'dhs_provenance': json.dumps(provenance(**extra), default=str)}
-    t = pa.Table.from_pandas(surface, preserve_index=False)
-    t = t.replace_schema_metadata({**(t.schema.metadata or {}), **{k: v.encode() for k, v in meta.items()}})
-    with atomic_path(path) as tmp: pq.write_table(t, tmp)
+    write_parquet(with_metadata(surface, dict(dhs_surface=json.dumps(surface.attrs, default=float), dhs_provenance=provenance(**extra))), path)
     return Path(path)
 
 def load_surface(path)->pd.DataFrame:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from .core import provenance, atomic_path, is_local, local_path
+from .core import provenance, write_parquet, with_metadata
 from .psf import theta_e_over_psfsize
 
 # %% auto 0
@@ -89,17 +89,13 @@ BINARY_COLUMNS = ('stamp', 'stamp_npz', 'invvar', 'maskbits')
 
 def write_stamp_table(table:pa.Table, dest, config=None, **extra):
     "Write a stamp table to Parquet atomically: no dictionary on binary columns, provenance in the metadata."
-    meta = {**(table.schema.metadata or {}), b'dhs_provenance': json.dumps(provenance(config, **extra), default=str).encode(),
-            b'dhs_stamp_contract': load_contract()['version'].encode()}
-    table = table.replace_schema_metadata(meta)
+    table = with_metadata(table, dict(dhs_provenance=provenance(config, **extra), dhs_stamp_contract=load_contract()['version']))
     no_dict = [c for c in table.column_names if c not in BINARY_COLUMNS]
     # pixels uncompressed: zstd saves ~20% of space but decodes ~3.5x slower (dhs bench loader);
     # row groups of 2048 rows let each DataLoader worker read only its part of a file
     compression = {c: ('none' if c == 'stamp' else 'zstd') for c in table.column_names}
     kw = dict(use_dictionary=no_dict, compression=compression, write_statistics=no_dict, row_group_size=2048)
-    if is_local(dest):
-        with atomic_path(local_path(dest)) as tmp: pq.write_table(table, tmp, **kw)
-    else: pq.write_table(table, dest, **kw)
+    write_parquet(table, dest, **kw)
 
 # %% ../nbs/23_stamps.ipynb
 def theta_over_psf(df:pd.DataFrame)->pd.Series:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from .core import atomic_path, provenance
+from .core import atomic_path, provenance, write_parquet, with_metadata, parquet_metadata
 
 # %% auto 0
 __all__ = ['write_table', 'table_provenance', 'latex_escape', 'latex_sci', 'fmt_interval', 'latex_table']
@@ -18,15 +18,12 @@ __all__ = ['write_table', 'table_provenance', 'latex_escape', 'latex_sci', 'fmt_
 # %% ../nbs/49_tables.ipynb
 def write_table(df:pd.DataFrame, stem:Path, info:dict):
     "Parquet (provenance in its metadata) and CSV of a result table."
-    t = pa.Table.from_pandas(df, preserve_index=False)
-    t = t.replace_schema_metadata({**(t.schema.metadata or {}), b'dhs_provenance': json.dumps(provenance(**info), default=str).encode()})
-    with atomic_path(stem.with_suffix('.parquet')) as tmp: pq.write_table(t, tmp)
-    with atomic_path(stem.with_suffix('.csv')) as tmp: df.to_csv(tmp, index=False)
+    write_parquet(with_metadata(df, dict(dhs_provenance=provenance(**info))), Path(stem).with_suffix('.parquet'))
+    with atomic_path(Path(stem).with_suffix('.csv')) as tmp: df.to_csv(tmp, index=False)
 
 def table_provenance(path)->dict:
     "The provenance a `write_table` Parquet file carries ({} if none)."
-    md = pq.read_schema(path).metadata or {}
-    return json.loads(md[b'dhs_provenance']) if b'dhs_provenance' in md else {}
+    return json.loads(parquet_metadata(path, 'dhs_provenance') or '{}')
 
 # %% ../nbs/49_tables.ipynb
 def latex_escape(text)->str:
