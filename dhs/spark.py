@@ -23,7 +23,8 @@ class SparkConfig:
 # %% ../nbs/02_spark.ipynb
 def java_version()->str|None:
     "First line of `java -version`, or None when no Java is on the PATH."
-    java = shutil.which('java', path=os.environ.get('JAVA_HOME', '') + '/bin:' + os.environ.get('PATH', ''))
+    home = os.environ.get('JAVA_HOME')  # only a set JAVA_HOME adds its bin/ (an empty one must not put /bin on the path)
+    java = shutil.which('java', path=(f'{home}/bin:' if home else '') + os.environ.get('PATH', ''))
     if java is None: return None
     out = subprocess.run([java, '-version'], capture_output=True, text=True, timeout=30)
     return (out.stderr or out.stdout).splitlines()[0].strip()
