@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from .data import StampDataset, Preprocess, preprocess
 from .toys import synthetic_stamp_table
-from .stamps import decode_stamps, decode_npz, encode_npz, encode_stamps, write_stamp_table
+from .stamps import decode_stamps, decode_npz, encode_npz, write_stamp_table
 
 # %% auto 0
 __all__ = ['tiled_table', 'write_bench_tables', 'one_core', 'decode_rate', 'dataset_rate', 'bench_loader', 'main']

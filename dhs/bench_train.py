@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse, dataclasses, json, multiprocessing as mp, os, platform, tempfile, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader

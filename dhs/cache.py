@@ -14,7 +14,7 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from .core import atomic_path, config_from_dict, is_local, local_path, provenance, uri_join
+from .core import atomic_path, is_local, local_path, provenance, uri_join
 from .survey import SurveyFileError, brick_coadd_relpaths, check_fits_file
 
 log = logging.getLogger(__name__)

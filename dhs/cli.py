@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb 1
 from __future__ import annotations
-import argparse, importlib, importlib.util, sys
+import importlib, importlib.util, sys
 
 # %% auto 0
 __all__ = ['COMMANDS', 'BENCHES', 'available', 'main']

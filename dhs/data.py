@@ -12,12 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import fsspec
 import torch
-from .core import task_rng, task_seed, seed_to_int64
-from .stamps import decode_stamps, decode_npz, encode_stamps, encode_npz, theta_over_psf
-from .sources import sersic_sb, mag_to_nmgy, band_fluxes_from_mag
-from .psf import gaussian_kernel, convolve, FWHM_PER_SIGMA, gaussian_nea_pix, pixel_noise_sigma
-from .survey import depth5_ivar, depth5_mag, PIXSCALE_ARCSEC
-from .lensing import Lens, ray_shoot, sample_source_position
+from .stamps import decode_stamps, decode_npz, theta_over_psf
+from .psf import FWHM_PER_SIGMA, pixel_noise_sigma
+from .survey import depth5_ivar, PIXSCALE_ARCSEC
 
 # %% auto 0
 __all__ = ['FILTER_COLUMNS', 'CONDITION_COLUMNS', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',

@@ -5,7 +5,6 @@
 # %% ../nbs/46_gallery.ipynb 1
 from __future__ import annotations
 import numpy as np
-import matplotlib
 from matplotlib.figure import Figure
 import pandas as pd
 from .core import atomic_path

@@ -4,12 +4,11 @@
 
 # %% ../nbs/42_gates.ipynb 1
 from __future__ import annotations
-import argparse, importlib, json
+import argparse, importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -17,12 +16,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from .core import config_dict, provenance, write_json, atomic_path
-from .lensing import Lens, ray_shoot
 from .metrics import auroc, psf_fwhm_r
-from .psf import gaussian_kernel, convolve
 from .tables import latex_table, latex_escape
-from .sources import sersic_sb, mag_to_nmgy
-from .stamps import read_stamps, encode_stamps
+from .stamps import read_stamps
 
 # %% auto 0
 __all__ = ['META_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric', 'core_radius_injection',

@@ -6,8 +6,6 @@
 from __future__ import annotations
 import argparse, json, time
 from dataclasses import dataclass, field
-from pathlib import Path
-import numpy as np
 import pandas as pd
 from .core import provenance, write_json, local_path
 from .selection import truth_classes

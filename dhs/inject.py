@@ -4,8 +4,8 @@
 
 # %% ../nbs/24_inject.ipynb 1
 from __future__ import annotations
-import argparse, json, math, os, sys, time
-from dataclasses import dataclass, field, replace
+import argparse, json, math, sys, time
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import dhs
 from .core import is_local, local_path, provenance, read_parquet, seed_from_int64, uri_exists, uri_glob, uri_join, write_json
-from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, MASKBITS, StampOffBrickError, SurveyFileError,
+from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, StampOffBrickError, SurveyFileError,
                         bad_pixel_mask, maskbits_value)
 from .lensing import Lens, check_lens, image_positions, stretch
 from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
 from .templates import TemplateBank, TemplateSource, hdf_template_bank
-from .psf import convolve, gaussian_kernel, moffat_fwhm_from_psfsize, theta_e_over_psfsize
-from .stamps import encode_npz, encode_stamps, load_contract, stamp_nbytes, write_stamp_table
+from .psf import moffat_fwhm_from_psfsize
+from .stamps import encode_npz, encode_stamps, write_stamp_table
 
 # %% auto 0
 __all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS', 'CONSTANT_COLUMNS',

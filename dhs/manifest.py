@@ -4,9 +4,8 @@
 
 # %% ../nbs/21_manifest.ipynb 1
 from __future__ import annotations
-import argparse, itertools, json, math, sys, time
+import argparse, itertools, json, time
 from dataclasses import dataclass, field
-from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import write_parquet, with_metadata, task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join

@@ -4,28 +4,22 @@
 
 # %% ../nbs/08_mockfiles.ipynb 1
 from __future__ import annotations
-import argparse, hashlib, json, math, multiprocessing, os, sys, time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
+import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-from scipy.interpolate import RegularGridInterpolator
-from .core import write_parquet, with_metadata, parquet_metadata, task_seed, task_rng, atomic_path, write_json, config_dict, config_from_dict, provenance
+from .core import write_parquet, with_metadata, parquet_metadata
 from . import survey
-from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, brick_wcs, nearest_pixel
-from .sources import sersic_sb, elliptical_radius, mag_to_nmgy, nmgy_to_mag, q_phi_to_tractor_shape, draw_source_colours
-from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, FWHM_PER_SIGMA, gaussian_nea_pix
-from .survey import depth5_ivar, depth5_mag
+from .survey import BANDS, MASKBITS, nearest_pixel
+from .sources import q_phi_to_tractor_shape
+from .psf import FWHM_PER_SIGMA, gaussian_nea_pix
 from .parent import desi_lrg_south
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only (no import cycle)
     from dhs.mockpop import BrickMaps, BrickConditions
     from dhs.mocksky import MockSkyConfig, SimulatedBrick
-from .mockrender import EXTINCTION_COEFFS, PIX, transmission, aperture_sum, cutout_window, galaxy_nea_pix, ObjectStamp
+from .mockrender import EXTINCTION_COEFFS, transmission, aperture_sum, cutout_window, galaxy_nea_pix, ObjectStamp
 
 # %% auto 0
 __all__ = ['RELEASE', 'W_SIGMA_NMGY', 'forced_photometry', 'annotate_truth', 'sweep_table', 'brick_work_paths',

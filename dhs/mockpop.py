@@ -4,22 +4,13 @@
 
 # %% ../nbs/07_mockpop.ipynb 1
 from __future__ import annotations
-import argparse, hashlib, json, math, multiprocessing, os, sys, time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
+from dataclasses import dataclass
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from scipy.interpolate import RegularGridInterpolator
-from .core import task_seed, task_rng, atomic_path, write_json, config_dict, config_from_dict, provenance
-from . import survey
-from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, brick_wcs, nearest_pixel
-from .sources import sersic_sb, elliptical_radius, mag_to_nmgy, nmgy_to_mag, q_phi_to_tractor_shape, draw_source_colours
-from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, FWHM_PER_SIGMA, gaussian_nea_pix
-from .survey import depth5_ivar, depth5_mag
+from .survey import BANDS
+from .sources import mag_to_nmgy, nmgy_to_mag, draw_source_colours
+from .psf import gaussian_nea_pix
+from .survey import depth5_ivar
 from .parent import desi_lrg_south
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only (no import cycle)

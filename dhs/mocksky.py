@@ -4,26 +4,21 @@
 
 # %% ../nbs/05_mocksky.ipynb 1
 from __future__ import annotations
-import argparse, hashlib, json, math, multiprocessing, os, sys, time
+import argparse, hashlib, json, math, multiprocessing, time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from scipy.interpolate import RegularGridInterpolator
-from .core import task_seed, task_rng, atomic_path, write_json, config_dict, config_from_dict, provenance
+from .core import task_rng, write_json, config_dict, provenance
 from . import survey
-from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, brick_wcs, nearest_pixel
-from .sources import sersic_sb, elliptical_radius, mag_to_nmgy, nmgy_to_mag, q_phi_to_tractor_shape, draw_source_colours
-from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, FWHM_PER_SIGMA, gaussian_nea_pix
-from .survey import depth5_ivar, depth5_mag
+from .survey import BANDS, brick_wcs
+from .psf import gaussian_nea_pix
+from .survey import depth5_ivar
 from .parent import desi_lrg_south
 from .mockpop import (CONTAMINANT_KINDS, BrickConditions, BrickMaps, draw_conditions, draw_maps, draw_brick_objects)
-from .mockrender import PIX, at_pixel, add_clipped, transmission, render_object, render_model, render_lensed_source, add_lensed_sources, make_images
-from .mockfiles import (annotate_truth, sweep_table, write_brick, brick_complete, brick_work_paths, gather_mock_sky, write_parquet_meta)
+from .mockrender import at_pixel, add_clipped, transmission, render_object, render_model, render_lensed_source, add_lensed_sources, make_images
+from .mockfiles import (annotate_truth, sweep_table, write_brick, brick_complete, gather_mock_sky, write_parquet_meta)
 
 # %% auto 0
 __all__ = ['BRICK_PLAN_COLUMNS', 'HASH_EXCLUDED', 'MOCK_SKY_VERSION', 'MOCK_SIZES', 'MockSkyConfig', 'lenscat_lenses',

@@ -4,7 +4,6 @@
 
 # %% ../nbs/31_models.ipynb 1
 from __future__ import annotations
-import math
 import numpy as np
 import pandas as pd
 import torch

@@ -4,13 +4,12 @@
 
 # %% ../nbs/20_parent.ipynb 1
 from __future__ import annotations
-import argparse, glob, hashlib, json, os, shutil, sys, tempfile, time, warnings
+import argparse, hashlib, json, sys, time, warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import provenance, write_json, uri_join, is_local, local_path, local_copy, uri_glob
+from .core import provenance, write_json, uri_join, local_copy, uri_glob
 
 # %% auto 0
 __all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south', 'desi_lrg_cuts',

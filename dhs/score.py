@@ -4,7 +4,7 @@
 
 # %% ../nbs/33_score.ipynb 1
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import DataLoader
 from .core import atomic_path, is_local, local_path, provenance
 from .data import Preprocess, StampDataset, prepare_batch, dihedral, index_columns
-from .models import detect_arch
 from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs
 
 # %% auto 0

@@ -4,14 +4,14 @@
 
 # %% ../nbs/43_search.ipynb 1
 from __future__ import annotations
-import argparse, json, shutil, time
+import argparse, json, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from .core import provenance, write_json, is_local, local_path, uri_join, atomic_path
+from .core import provenance, write_json, local_path, atomic_path
 from .manifest import DrawConfig, draw_task, healpix_region
 from .survey import depth5_mag
 from .psf import theta_e_over_psfsize
@@ -19,8 +19,8 @@ from .inject import InjectConfig, run_inject, run_group, brick_groups, group_fil
 from .tables import write_table
 from .selection import truth_classes
 from .gallery import table_gallery
-from .metrics import fit_thresholds, clopper_pearson, labels_from_meta, DEFAULT_FPRS
-from .survey import BrickImages, SurveyFileError
+from .metrics import fit_thresholds, clopper_pearson, labels_from_meta
+from .survey import BrickImages
 
 # %% auto 0
 __all__ = ['NEUTRAL_HOST', 'CANDIDATE_COLUMNS', 'SearchConfig', 'uncached_bricks', 'ensure_cached', 'host_splits', 'search_tasks',

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import atomic_path, provenance, write_parquet, with_metadata
 from .survey import depth5_mag

@@ -4,10 +4,8 @@
 
 # %% ../nbs/23_stamps.ipynb 1
 from __future__ import annotations
-import argparse, gzip, io, json, sys
-from dataclasses import dataclass, field
+import argparse, gzip, io, json
 from importlib import resources
-from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa

@@ -4,7 +4,7 @@
 
 # %% ../nbs/91_submit.ipynb 1
 from __future__ import annotations
-import argparse, sys, zipfile
+import sys, zipfile
 from pathlib import Path
 import dhs
 

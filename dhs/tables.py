@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from .core import atomic_path, provenance, write_parquet, with_metadata, parquet_metadata
 
 # %% auto 0

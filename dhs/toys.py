@@ -4,7 +4,6 @@
 
 # %% ../nbs/09_toys.ipynb 1
 from __future__ import annotations
-import math
 from pathlib import Path
 import numpy as np
 import pandas as pd
