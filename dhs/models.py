@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 import torchvision
+from .survey import depth5_mag
 
 # %% auto 0
 __all__ = ['BACKBONES', 'META_TRANSFORMS', 'resnet18_64', 'convnext_tiny_64', 'efficientnet_b0_64', 'vit_small_64', 'swin_t_64',
@@ -76,13 +77,9 @@ BACKBONES = {  # arch name -> builder returning (backbone, number of features)
 }
 
 # %% ../nbs/31_models.ipynb
-def _depth_mag(d:torch.Tensor)->torch.Tensor:
-    "Inverse-variance depth [1/nmgy^2] -> 5-sigma AB magnitude."
-    return 22.5 - 2.5 * torch.log10(5.0 / torch.sqrt(d.clamp(min=1e-12)))
-
 META_TRANSFORMS = {  # column prefix -> (transform, centre, scale); DR10-like centres (DESIGN.md)
-    'psf_fwhm_used_': (None, 1.3, 0.3), 'psfsize_': (None, 1.3, 0.3), 'psfdepth_': (_depth_mag, 24.3, 0.5),
-    'galdepth_': (_depth_mag, 23.9, 0.5), 'ebv': (None, 0.03, 0.03),
+    'psf_fwhm_used_': (None, 1.3, 0.3), 'psfsize_': (None, 1.3, 0.3), 'psfdepth_': (depth5_mag, 24.3, 0.5),
+    'galdepth_': (depth5_mag, 23.9, 0.5), 'ebv': (None, 0.03, 0.03),
 }
 
 def meta_features(meta:torch.Tensor, names:list, columns:list)->torch.Tensor:

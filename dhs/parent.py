@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from .core import provenance, write_json, uri_join, local_copy, uri_glob
+from .sources import nmgy_to_mag
 
 # %% auto 0
 __all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south', 'desi_lrg_cuts',
@@ -19,9 +20,7 @@ __all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_c
 # %% ../nbs/20_parent.ipynb
 def dered_mag(flux, transmission):
     "Extinction-corrected AB magnitude of a flux [nanomaggies]; NaN where flux <= 0."
-    f = np.asarray(flux, dtype='f8') / np.asarray(transmission, dtype='f8')
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(f > 0, 22.5 - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan)
+    return nmgy_to_mag(np.asarray(flux, dtype='f8') / np.asarray(transmission, dtype='f8'))
 
 def sweep_mags(df:pd.DataFrame)->pd.DataFrame:
     "Extinction-corrected g, r, z, W1 and z-fibre magnitudes of sweep rows."

@@ -86,11 +86,16 @@ def sweep_bounds_for(ra:float, dec:float)->tuple[int, int, int, int]:
     return ramin, decmin, ramin + SWEEP_BOX_DEG, decmin + SWEEP_BOX_DEG
 
 # %% ../nbs/01_survey.ipynb
-def depth5_mag(ivar)->np.ndarray:
-    "5-sigma AB depth [mag] of an inverse-variance depth [1/nmgy^2]; NaN where ivar <= 0."
+def depth5_mag(ivar):
+    "5-sigma AB depth [mag] of an inverse-variance depth [1/nmgy^2]; NaN where ivar <= 0 (numpy, or a torch tensor kept a tensor)."
+    if hasattr(ivar, 'clamp'): return _depth5(ivar.clamp(min=1e-300).log10(), ivar > 0, float('nan'))
     iv = np.asarray(ivar, 'f8')
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(iv > 0, -2.5 * (np.log10(5 / np.sqrt(np.where(iv > 0, iv, 1.0))) - 9), np.nan)
+    with np.errstate(divide='ignore', invalid='ignore'): return _depth5(np.log10(np.where(iv > 0, iv, 1.0)), iv > 0, np.nan)
+
+def _depth5(log10_ivar, ok, nan):
+    "m_5 = AB_ZP - 2.5 log10(5 / sqrt(ivar)), from log10(ivar); `nan` where not `ok`."
+    m = AB_ZP - 2.5 * math.log10(5) + 1.25 * log10_ivar
+    return m.masked_fill(~ok, nan) if hasattr(m, 'masked_fill') else np.where(ok, m, nan)
 
 def depth5_ivar(mag5):
     "Inverse variance [1/nmgy^2] of the flux whose 5-sigma limit is `mag5` [AB]: (5 / flux_5)^2."
