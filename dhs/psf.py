@@ -4,14 +4,17 @@
 
 # %% ../nbs/12_psf.ipynb 1
 from __future__ import annotations
+import math
 import numpy as np
 from scipy.special import erf
 from scipy.signal import fftconvolve
 
 # %% auto 0
-__all__ = ['FWHM_PER_SIGMA', 'gaussian_kernel', 'moffat_alpha', 'moffat_truncation_radius', 'moffat_kernel',
-           'psf_noise_equivalent_area', 'gaussian_nea_pix', 'pixel_noise_sigma', 'moffat_fwhm_from_psfsize',
-           'theta_e_over_psfsize', 'convolve']
+__all__ = ['FWHM_PER_SIGMA', 'MOMENT_ORDER', 'MOMENTS', 'gaussian_kernel', 'moffat_alpha', 'moffat_truncation_radius',
+           'moffat_kernel', 'psf_noise_equivalent_area', 'gaussian_nea_pix', 'pixel_noise_sigma',
+           'moffat_fwhm_from_psfsize', 'theta_e_over_psfsize', 'convolve', 'subpixel_moments', 'uniform_moments',
+           'convolve_moments', 'shifted_kernel', 'psfex_terms', 'psfex_image', 'resample_psf', 'recentre_psf',
+           'coadd_psf', 'psfnorm', 'psfsize_from_psfnorm', 'fwhm_of_image']
 
 # %% ../nbs/12_psf.ipynb
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -123,3 +126,119 @@ def convolve(image:np.ndarray,  # (..., N, M) image(s)
         raise ValueError(f'kernel has more axes ({kernel.shape}) than the image ({image.shape})')
     kernel = kernel.reshape((1,) * (image.ndim - kernel.ndim) + kernel.shape)
     return fftconvolve(image, kernel, mode='same', axes=(-2, -1))
+
+# %% ../nbs/12_psf.ipynb
+MOMENT_ORDER = 4                     # highest order p + q of the pixel light moments kept
+MOMENTS = tuple((p, o - p) for o in range(MOMENT_ORDER + 1) for p in range(o, -1, -1))  # (p, q): delta_x^p delta_y^q
+
+def subpixel_moments(values, u, v, axis=-1):
+    "Light moments sum(values u^p v^q) / len over the sub-samples along `axis`: (..., len(MOMENTS)) [values x pixel^(p+q)]."
+    values = np.moveaxis(np.asarray(values, float), axis, -1)
+    u, v, n = np.asarray(u, float), np.asarray(v, float), values.shape[-1]
+    return np.stack([(values * u**p * v**q).sum(-1) / n for p, q in MOMENTS], -1)
+
+def uniform_moments(mean, grad_x=0.0, grad_y=0.0, cross=0.0):
+    "Moments (..., len(MOMENTS)) of light S = mean + grad_x dx + grad_y dy + cross dx dy over a unit pixel."
+    m = {0: 1.0, 1: 0.0, 2: 1 / 12, 3: 0.0, 4: 1 / 80, 5: 0.0}
+    a = [np.broadcast_to(np.asarray(t, float), np.shape(mean)) for t in (mean, grad_x, grad_y, cross)]
+    return np.stack([a[0] * m[p] * m[q] + a[1] * m[p + 1] * m[q] + a[2] * m[p] * m[q + 1] + a[3] * m[p + 1] * m[q + 1] for p, q in MOMENTS], -1)
+
+# %% ../nbs/12_psf.ipynb
+def _padded_size(n:int, m:int)->int:
+    "FFT size >= n + m - 1 (linear convolution), a product of small primes."
+    from scipy.fft import next_fast_len
+    return next_fast_len(n + m - 1, real=True)
+
+def _kernel_ft(kernel:np.ndarray, size:int)->np.ndarray:
+    "rfft2 of an odd, centred kernel placed with its centre at (0, 0) of a size x size periodic grid."
+    from scipy.fft import rfft2
+    k = np.asarray(kernel, float); h0, h1 = k.shape[-2] // 2, k.shape[-1] // 2
+    g = np.zeros(k.shape[:-2] + (size, size))
+    g[..., :k.shape[-2], :k.shape[-1]] = k
+    return rfft2(np.roll(g, (-h0, -h1), axis=(-2, -1)))
+
+def convolve_moments(moments:np.ndarray,   # (..., len(MOMENTS), N, N) pixel light moments [nmgy x pixel^(p+q)]
+                     kernel:np.ndarray,    # (k, k) pixelised PSF (odd, centred, sum 1), or (..., k, k) matching leading axes
+                    )->np.ndarray:
+    "Image (..., N, N) [nmgy/pixel] of pixel light moments seen through a pixelised PSF: the pixel integrated once."
+    from scipy.fft import rfft2, irfft2
+    M = np.asarray(moments, float); n = M.shape[-1]
+    size = _padded_size(n, np.shape(kernel)[-1])
+    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
+    Mh = rfft2(M, s=(size, size))
+    acc = sum(((-2j * np.pi * fx) ** p * (-2j * np.pi * fy) ** q / (math.factorial(p) * math.factorial(q))) * Mh[..., j, :, :]
+              for j, (p, q) in enumerate(MOMENTS))
+    return irfft2(acc * _kernel_ft(kernel, size), s=(size, size))[..., :n, :n]
+
+# %% ../nbs/12_psf.ipynb
+def shifted_kernel(kernel:np.ndarray, dx:float, dy:float, size:int|None=None)->np.ndarray:
+    "The pixelised PSF (odd, centred) moved by (dx, dy) [pixels] on a size x size centred grid (Fourier shift)."
+    from scipy.fft import irfft2
+    k = np.asarray(kernel, float); size = size or k.shape[-1]
+    n = _padded_size(max(size, k.shape[-1]), k.shape[-1])
+    fy, fx = np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :]
+    img = np.roll(irfft2(_kernel_ft(k, n) * np.exp(-2j * np.pi * (fx * dx + fy * dy)), s=(n, n)), (size // 2, size // 2), axis=(-2, -1))
+    return img[..., :size, :size]
+
+# %% ../nbs/12_psf.ipynb
+def psfex_terms(degree:int)->list:
+    "(i, j) powers of X and Y of the PSFEx polynomial terms, in PSFEx's order (i fastest)."
+    return [(i, j) for j in range(degree + 1) for i in range(degree + 1 - j)]
+
+def psfex_image(psf_mask:np.ndarray,   # (n_terms, H, W) eigen-images (padding beyond the terms is ignored)
+                degree:int,            # poldeg1
+                x:float, y:float,      # CCD position [pixels, 0-based]
+                polzero=(0.0, 0.0), polscal=(1.0, 1.0))->np.ndarray:
+    "The PSFEx PSF image (H, W) on its own grid at CCD position (x, y)."
+    X, Y = (x - polzero[0]) / polscal[0], (y - polzero[1]) / polscal[1]
+    terms = psfex_terms(int(degree))
+    return np.tensordot([X**i * Y**j for i, j in terms], np.asarray(psf_mask, float)[:len(terms)], 1)
+
+# %% ../nbs/12_psf.ipynb
+def resample_psf(img:np.ndarray,        # PSF image on its grid (step `step` output pixels), centre at its middle pixel
+                 step:float,            # grid step of `img` in output pixels (psf_samp x image/coadd pixel-scale ratio)
+                 size:int|None=None,    # odd output size [pixels]; default covers the input
+                )->np.ndarray:
+    "A PSF image resampled (cubic spline) to an odd, centred grid of unit step, normalised to sum 1."
+    from scipy.ndimage import map_coordinates
+    img = np.asarray(img, float); h, w = img.shape
+    size = size or 2 * int(np.floor((min(h, w) // 2) * step)) + 1
+    c = np.arange(size) - size // 2
+    yy, xx = np.meshgrid(c / step + h // 2, c / step + w // 2, indexing='ij')
+    out = map_coordinates(img, [yy, xx], order=3, mode='constant', cval=0.0)
+    return out / out.sum()
+
+def recentre_psf(img:np.ndarray)->np.ndarray:
+    "The PSF moved (Fourier shift) so that its centroid is the centre pixel, normalised to sum 1."
+    img = np.asarray(img, float) / np.sum(img)
+    yy, xx = np.indices(img.shape) - np.array(img.shape)[:, None, None] // 2
+    return shifted_kernel(img, -float((img * xx).sum()), -float((img * yy).sum()), img.shape[-1]) if img.shape[0] == img.shape[1] else img
+
+def coadd_psf(images:list, weights)->np.ndarray:
+    "The weighted mean of odd, centred PSF images of possibly different sizes (zero-padded), normalised to sum 1."
+    n = max(np.shape(i)[-1] for i in images)
+    acc = np.zeros((n, n))
+    for img, w in zip(images, np.asarray(weights, float)):
+        img = np.asarray(img, float) / np.sum(img); o = (n - img.shape[-1]) // 2
+        acc[o:o + img.shape[0], o:o + img.shape[1]] += w * img
+    return acc / acc.sum()
+
+# %% ../nbs/12_psf.ipynb
+def psfnorm(img:np.ndarray)->float:
+    "sqrt(sum(psf^2)) of a PSF image normalised to sum 1 [1/pixel]."
+    img = np.asarray(img, float) / np.sum(img)
+    return float(np.sqrt(np.sum(img**2)))
+
+def psfsize_from_psfnorm(psfnorms, sig1s=None, pixscale:float=0.262)->float:
+    "DR10 psfsize [arcsec] of a coadd from its CCDs' psfnorm [1/pixel], weighted 1/sig1^2 (legacypipe's psfsize map)."
+    pn = np.atleast_1d(np.asarray(psfnorms, float)); w = np.ones_like(pn) if sig1s is None else 1 / np.atleast_1d(np.asarray(sig1s, float))**2
+    inv_area = np.sum(w * pn**2 / pixscale**2) / np.sum(w)                # mean of 1 / NEA [1/arcsec^2]
+    return float(FWHM_PER_SIGMA / (2 * np.sqrt(np.pi)) / np.sqrt(inv_area))
+
+def fwhm_of_image(img:np.ndarray, pixscale:float=0.262)->float:
+    "FWHM [arcsec] of a centred PSF image: twice the radius where its azimuthal mean profile falls to half the central value."
+    img = np.asarray(img, float); yy, xx = np.indices(img.shape) - np.array(img.shape)[:, None, None] // 2
+    r, inv = np.unique(np.round(np.hypot(xx, yy).ravel(), 6), return_inverse=True)
+    prof = np.bincount(inv, img.ravel()) / np.bincount(inv)
+    k = int(np.argmax(prof < 0.5 * prof[0]))
+    return float(2 * np.interp(0.5 * prof[0], [prof[k], prof[k - 1]], [r[k], r[k - 1]]) * pixscale)
