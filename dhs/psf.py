@@ -14,7 +14,7 @@ __all__ = ['FWHM_PER_SIGMA', 'MOMENT_ORDER', 'MOMENTS', 'gaussian_kernel', 'moff
            'moffat_kernel', 'psf_noise_equivalent_area', 'gaussian_nea_pix', 'pixel_noise_sigma',
            'moffat_fwhm_from_psfsize', 'theta_e_over_psfsize', 'convolve', 'subpixel_moments', 'uniform_moments',
            'convolve_moments', 'shifted_kernel', 'psfex_terms', 'psfex_image', 'resample_psf', 'recentre_psf',
-           'coadd_psf', 'psfnorm', 'psfsize_from_psfnorm', 'fwhm_of_image']
+           'coadd_psf', 'psfnorm', 'psfsize_from_psfnorm', 'fwhm_of_image', 'moffat_wing_sb', 'pixelise_psf']
 
 # %% ../nbs/12_psf.ipynb
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -242,3 +242,37 @@ def fwhm_of_image(img:np.ndarray, pixscale:float=0.262)->float:
     prof = np.bincount(inv, img.ravel()) / np.bincount(inv)
     k = int(np.argmax(prof < 0.5 * prof[0]))
     return float(2 * np.interp(0.5 * prof[0], [prof[k], prof[k - 1]], [r[k], r[k - 1]]) * pixscale)
+
+# %% ../nbs/12_psf.ipynb
+def moffat_wing_sb(x, y,                  # offsets from the centre [pixels]
+                   fwhm_pix:float,        # FWHM of the core's circularised profile [pixels]
+                   beta:float=3.5,        # Moffat index of the core
+                   e:float=0.0,           # ellipticity (1 - q) / (1 + q) of the core
+                   phi:float=0.0,         # position angle of the major axis [rad, from +x]
+                   wing_frac:float=0.0,   # fraction of the flux in the wing
+                   wing_fwhm_pix:float=10.0, # FWHM of the wing [pixels]
+                   wing_beta:float=2.0,   # its Moffat index (2: surface brightness ~ r^-4 far out)
+                  ):
+    "Unit-flux surface brightness [1/pixel^2] of an elliptical Moffat core plus a round, wide Moffat wing."
+    q = (1 - e) / (1 + e)
+    c, s = np.cos(phi), np.sin(phi)
+    u, v = (c * x + s * y) * np.sqrt(q), (-s * x + c * y) / np.sqrt(q)   # product-average radius: flux kept for any q
+    def moffat(r2, fwhm, b):
+        a2 = (fwhm / (2 * np.sqrt(2 ** (1 / b) - 1))) ** 2
+        return (b - 1) / (np.pi * a2) * (1 + r2 / a2) ** -b
+    return (1 - wing_frac) * moffat(u * u + v * v, fwhm_pix, beta) + wing_frac * moffat(np.asarray(x)**2 + np.asarray(y)**2, wing_fwhm_pix, wing_beta)
+
+def pixelise_psf(sb,                      # sb(x, y) [1/pixel^2] of offsets in pixels
+                 size:int,                # odd image size (in samples)
+                 step:float=1.0,          # sampling step [pixels] (PSFEx: psf_samp)
+                 oversample:int=9,        # sub-samples per pixel and axis of the pixel average
+                 dx:float=0.0, dy:float=0.0,  # centre offset [pixels]
+                )->np.ndarray:
+    "The pixelised PSF: sb averaged over a one-pixel box around each sample point, sampled every `step` pixels, normalised to sum 1."
+    if size % 2 == 0: raise ValueError(f'PSF image size must be odd, got {size}')
+    c = (np.arange(size) - size // 2) * step
+    t = (np.arange(oversample) + 0.5) / oversample - 0.5
+    X = (c[:, None] + t[None, :]).ravel() - dx
+    Y = (c[:, None] + t[None, :]).ravel() - dy
+    img = sb(X[None, :], Y[:, None]).reshape(size, oversample, size, oversample).mean((1, 3))
+    return img / img.sum()

@@ -14,7 +14,7 @@ from .lensing import Lens, check_lens, ray_core
 from .fastmath import lens_table, sie_shear_ray, sie_shear_ray_f32, exp_f32, log_f32, TINY_F32, JIT, INLINE
 from .sources import Source, SersicSource
 from scipy.special import erf
-from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA
+from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA, MOMENTS, uniform_moments, convolve_moments
 
 # %% auto 0
 __all__ = ['pixel_centres', 'band_kernels', 'RenderResult', 'render_lensed_batch', 'render_lensed', 'render_lensed_sersic',
@@ -141,7 +141,7 @@ def _offsets32(n:int):
             np.concatenate([offy, np.sin(t)]).astype(_F), len(offx))
 
 def _refine_rays(level_b, idx, shift_x:float, shift_y:float, p:float, n:int):
-    "Sub-sample rays (float32, relative to the lens centre) of pixels idx at their levels, and the segment starts."
+    "Sub-sample rays (float32, relative to the lens centre) of pixels idx at their levels, the segment starts and lengths, and their sub-table rows."
     col, row = _offsets32(n)[:2]
     s = level_b[idx]; cnt = s*s; ends = np.cumsum(cnt); starts = ends - cnt
     tu, tv, tstart = _sub_table()
@@ -149,14 +149,19 @@ def _refine_rays(level_b, idx, shift_x:float, shift_y:float, p:float, n:int):
     k = np.arange(ends[-1]) + (tstart[s] - starts)[pid]
     X = col[idx][pid]; X += tu[k]; X *= p; X -= shift_x
     Y = row[idx][pid]; Y += tv[k]; Y *= p; Y -= shift_y
-    return X, Y, starts, cnt
+    return X, Y, starts, cnt, k
+
+def _corner_gradients(k):
+    "(..., 3, n, n) gradient x, gradient y and cross term of a pixel's light from its corner values k (..., n+1, n+1) [per pixel]."
+    ll, lr, ul, ur = k[..., :-1, :-1], k[..., :-1, 1:], k[..., 1:, :-1], k[..., 1:, 1:]   # rows are y: lower/upper, left/right
+    return np.stack([0.5*(lr + ur - ll - ul), 0.5*(ul + ur - ll - lr), ur - lr - ul + ll], -3)
 
 def _coarse(evaluate, lc:dict, L, n:int, p:float, shift_x, shift_y):
-    "First pass (any source): Simpson estimates (B, n_bands, n*n), their error (B, n*n), cut brightness (B,), rays."
+    "First pass (any source): Simpson estimates (B, n_bands, n*n), corner gradients (B, n_bands, 3, n*n), their error (B, n*n), cut brightness (B,), rays."
     _, _, ox, oy, m0 = _offsets32(n)
     B, m, R = len(L), (n + 1)**2, len(ox)
     rho = (1e-7*np.maximum(L[:, 0], 1e-3)).astype(_F)  # rays a hair from the lens centre land on the cut
-    v, err, cut = None, np.empty((B, n*n), _F), np.empty(B)
+    v, grad, err, cut = None, None, np.empty((B, n*n), _F), np.empty(B)
     step = max(1, _CHUNK_ELEMS//R)
     for r0 in range(0, B, step):  # a few stamps at a time: temporaries stay small (see _CHUNK_ELEMS)
         rows = slice(r0, min(B, r0 + step)); nr = rows.stop - r0
@@ -168,10 +173,11 @@ def _coarse(evaluate, lc:dict, L, n:int, p:float, shift_x, shift_y):
         m4 = k[..., :-1, :-1] + k[..., 1:, :-1]; m4 += k[..., :-1, 1:]; m4 += k[..., 1:, 1:]; m4 *= 0.25
         m4 = m4.reshape(nr, -1, n*n)
         err[rows] = np.abs(m4 - c).sum(1)/3
-        if v is None: v = np.empty((B, vals.shape[1], n*n), _F)
+        if v is None: v, grad = np.empty((B, vals.shape[1], n*n), _F), np.empty((B, vals.shape[1], 3, n*n), _F)
+        grad[rows] = _corner_gradients(k).reshape(nr, -1, 3, n*n)
         np.multiply(c, 2, out=v[rows]); v[rows] += m4; v[rows] *= 1/3
         cut[rows] = vals[..., n*n + m:].sum(1).max(1)
-    return v, err, cut, R
+    return v, grad, err, cut, R
 
 # %% ../nbs/14_render.ipynb
 @lru_cache(maxsize=1)
@@ -182,11 +188,11 @@ def _cut_circle(k:int=64):
 
 @njit(**JIT)
 def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
-    "First pass of B Sérsic stamps: Simpson estimates (B, n*n), their errors (B, n*n), brightness on the cut (B,)."
+    "First pass of B Sérsic stamps: Simpson estimates (B, n*n), corner gradients (B, 3, n*n), their errors (B, n*n), brightness on the cut (B,)."
     B, n1, h = Lt.shape[0], n + 1, n//2
     m = n1*n1; R = m + n*n + ct.size
     X, Y, val, BX, BY = np.empty(R, _F), np.empty(R, _F), np.empty(R, _F), np.empty(R, _F), np.empty(R, _F)
-    v, err, cut = np.empty((B, n*n)), np.empty((B, n*n)), np.empty(B)
+    v, grad, err, cut = np.empty((B, n*n)), np.empty((B, 3, n*n)), np.empty((B, n*n)), np.empty(B)
     for b in range(B):
         for j in range(n1):  # corners, centres, cut rays: ray = offset * p - shift, from the lens centre
             for i in range(n1): X[j*n1 + i] = (i - h - 0.5)*p - shift_x[b]; Y[j*n1 + i] = (j - h - 0.5)*p - shift_y[b]
@@ -199,18 +205,23 @@ def _sersic_coarse(Lt, St, n:int, p:float, shift_x, shift_y, rho, ct, st):
                 k, c = j*n1 + i, float(val[m + j*n + i])  # float64 from here on
                 m4 = 0.25*(float(val[k]) + float(val[k + n1]) + float(val[k + 1]) + float(val[k + n1 + 1]))
                 v[b, j*n + i] = (2*c + m4)/3; err[b, j*n + i] = abs(m4 - c)/3
+                ll, lr, ul, ur = float(val[k]), float(val[k + 1]), float(val[k + n1]), float(val[k + n1 + 1])
+                grad[b, 0, j*n + i] = 0.5*(lr + ur - ll - ul); grad[b, 1, j*n + i] = 0.5*(ul + ur - ll - lr); grad[b, 2, j*n + i] = ur - lr - ul + ll
         cut[b] = float(val[m + n*n:].max())
-    return v, err, cut
+    return v, grad, err, cut
 
 # %% ../nbs/14_render.ipynb
+_MP, _MQ = np.array([p for p, q in MOMENTS]), np.array([q for p, q in MOMENTS])  # powers of the sub-sample offsets dx, dy
+
 @njit(**JIT)
-def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_y, v, n_rays):
-    "Overwrite v (B, n*n) with s x s midpoint means where level (B, n*n) = s >= min_level; add the rays to n_rays (B,)."
-    cap = max(16384, int(level.max())**2); h = n//2
+def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_y, mom, n_rays, mp, mq):
+    "Overwrite mom (B, n_moments, n*n) with the s x s midpoint moments where level (B, n*n) = s >= min_level; add the rays to n_rays (B,)."
+    cap = max(16384, int(level.max())**2); h, nm = n//2, mp.size
     X, Y, val, BX, BY = np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F), np.empty(cap, _F)
+    acc, pu, pv = np.empty(nm), np.empty(5), np.empty(5)
     for b in range(level.shape[0]):
         pix = 0
-        while pix < n*n:  # fill the buffer with whole pixels, shoot it, sum each pixel
+        while pix < n*n:  # fill the buffer with whole pixels, shoot it, sum each pixel's moments
             first, fill = pix, 0
             while pix < n*n:
                 s = level[b, pix]
@@ -226,9 +237,14 @@ def _sersic_refine(Lt, St, level, min_level:int, n:int, p:float, shift_x, shift_
             for q in range(first, pix):
                 s = level[b, q]
                 if s >= min_level:
-                    acc = 0.
-                    for t in range(s*s): acc += float(val[o + t])  # float64 sums
-                    v[b, q] = acc/(s*s); o += s*s
+                    acc[:] = 0.
+                    for t in range(s*s):  # float64 sums of value x dx^i dy^j, (dx, dy) the sub-sample's offset in the pixel
+                        f, du, dv = float(val[o + t]), ((t % s) + 0.5)/s - 0.5, ((t // s) + 0.5)/s - 0.5
+                        pu[0] = 1.; pv[0] = 1.
+                        for e in range(1, 5): pu[e] = pu[e - 1]*du; pv[e] = pv[e - 1]*dv
+                        for j in range(nm): acc[j] += f*pu[mp[j]]*pv[mq[j]]
+                    for j in range(nm): mom[b, j, q] = acc[j]/(s*s)
+                    o += s*s
             n_rays[b] += fill
 
 # %% ../nbs/14_render.ipynb
@@ -257,12 +273,16 @@ def _levels(err, v, cut, images, L, n:int, p:float, dx, dy, peak_T, max_supersam
     return level
 
 # %% ../nbs/14_render.ipynb
+def _moments_of_coarse(v, grad)->np.ndarray:
+    "Moments (..., n_moments, n*n) of pixels known only from the first pass: mean v (..., n*n) and corner gradients (..., 3, n*n)."
+    return np.moveaxis(uniform_moments(v, grad[..., 0, :], grad[..., 1, :], grad[..., 2, :]), -1, -2)
+
 def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, supersample=None,
                  max_supersample:int=16, tol:float=1e-3, margin:float=0.3, max_rays:int=2**20):
-    "Pixel-mean surface brightness (B, n_bands, n, n), rays per stamp (B,), images of the first centre (B,); `evaluate`: a callable or a `_sersic_table`."
+    "Pixel light moments of unit-flux sources (B, n_bands, n_moments, n, n) [1/arcsec^2 x pixel^(p+q)], rays per stamp (B,), image multiplicity (B,)."
     B, x0, y0, Lt = len(L), L[:, 5], L[:, 6], lens_table(L)
     shift_x, shift_y = dx*p + x0, dy*p + y0  # ray = offset * p - shift, from the lens centre
-    mult, v, n_rays, images, sersic = np.zeros(B, int), None, np.zeros(B, np.int64), None, isinstance(evaluate, np.ndarray)
+    mult, mom, n_rays, images, sersic, nm = np.zeros(B, int), None, np.zeros(B, np.int64), None, isinstance(evaluate, np.ndarray), len(MOMENTS)
     if centres is not None:
         cfg, cxs, cys, first = centres
         rows, xi, yi = _images_compiled(cxs, cys, Lt, cfg, *_angle_grid())
@@ -270,26 +290,29 @@ def _unit_images(evaluate, lc:dict, L, n:int, p:float, dx, dy, peak_T, centres, 
     if supersample is not None: level = np.full((B, n*n), int(supersample), np.int64)
     else:
         if sersic:
-            v, err, cut = _sersic_coarse(Lt.astype(_F), evaluate.astype(_F), n, p, shift_x, shift_y, 1e-7*np.maximum(L[:, 0], 1e-3), *_cut_circle())
-            v, n0 = v[:, None], (n + 1)**2 + n*n + 64
-        else: v, err, cut, n0 = _coarse(evaluate, lc, L, n, p, shift_x.astype(_F), shift_y.astype(_F))
+            v, grad, err, cut = _sersic_coarse(Lt.astype(_F), evaluate.astype(_F), n, p, shift_x, shift_y, 1e-7*np.maximum(L[:, 0], 1e-3), *_cut_circle())
+            v, grad, n0 = v[:, None], grad[:, None], (n + 1)**2 + n*n + 64
+        else: v, grad, err, cut, n0 = _coarse(evaluate, lc, L, n, p, shift_x.astype(_F), shift_y.astype(_F))
         level, n_rays = _levels(err, v, cut, images, L, n, p, dx, dy, peak_T, max_supersample, tol, margin), n_rays + n0
+        mom = _moments_of_coarse(v.astype(np.float64), grad.astype(np.float64))
     if sersic:
-        v = np.zeros((B, n*n)) if v is None else np.ascontiguousarray(v[:, 0], np.float64)
-        _sersic_refine(Lt.astype(_F), evaluate.astype(_F), level, 1 if supersample is not None else 2, n, p, shift_x, shift_y, v, n_rays)
-        return v.reshape(B, 1, n, n), n_rays, mult
+        mom = np.zeros((B, nm, n*n)) if mom is None else np.ascontiguousarray(mom[:, 0])
+        _sersic_refine(Lt.astype(_F), evaluate.astype(_F), level, 1 if supersample is not None else 2, n, p, shift_x, shift_y, mom, n_rays, _MP, _MQ)
+        return mom.reshape(B, 1, nm, n, n), n_rays, mult
     shift_x, shift_y = shift_x.astype(_F), shift_y.astype(_F)
+    tu, tv, tstart = _sub_table()
     for b in range(B):
         todo = np.arange(n*n) if supersample is not None else np.flatnonzero(level[b] > 1)
         while len(todo):  # in pieces of at most max_rays rays
             idx = todo[:max(1, np.searchsorted(np.cumsum(level[b, todo]**2), max_rays))]
             todo = todo[len(idx):]
-            X, Y, starts, cnt = _refine_rays(level[b], idx, float(shift_x[b]), float(shift_y[b]), p, n)
-            vals = evaluate(*ray_core(X, Y, **_take(lc, b)), int(b))  # (n_bands, rays)
-            if v is None: v = np.zeros((B, vals.shape[0], n*n), _F)
-            v[b][:, idx] = np.add.reduceat(vals, starts, axis=-1, dtype=np.float64)/cnt
+            X, Y, starts, cnt, k = _refine_rays(level[b], idx, float(shift_x[b]), float(shift_y[b]), p, n)
+            vals = evaluate(*ray_core(X, Y, **_take(lc, b)), int(b)).astype(np.float64)  # (n_bands, rays)
+            if mom is None: mom = np.zeros((B, vals.shape[0], nm, n*n))
+            du, dv = tu[k].astype(np.float64), tv[k].astype(np.float64)
+            for j, (a, c) in enumerate(MOMENTS): mom[b][:, j, idx] = np.add.reduceat(vals*du**a*dv**c, starts, axis=-1)/cnt
             n_rays[b] += len(X)
-    return v.reshape(B, -1, n, n).astype(np.float64), n_rays, mult
+    return mom.reshape(B, -1, nm, n, n), n_rays, mult
 
 # %% ../nbs/14_render.ipynb
 @lru_cache(maxsize=32)
@@ -371,14 +394,21 @@ def _per_stamp(value, B:int, what:str)->np.ndarray:
     return np.broadcast_to(a, (B, a.shape[1]))
 
 # %% ../nbs/14_render.ipynb
+def _pad_kernels(kernels:list)->np.ndarray:
+    "(n_bands, m, m) stack of odd, centred 2-D kernels zero-padded to the largest."
+    m = max(k.shape[-1] for k in kernels); out = np.zeros((len(kernels), m, m))
+    for j, k in enumerate(kernels): o = (m - k.shape[-1])//2; out[j, o:o + k.shape[0], o:o + k.shape[1]] = k
+    return out
+
 def _render_group(g, sources, lenses, fluxes, kernels, n, p, dx, dy, separable, supersample, max_supersample, tol):
     "Render stamps g (indices) that share one evaluator: all Sérsic, or one source of another kind; `kernels`: FWHMs (B, n_bands) if `separable`."
     lc, L = _lens_consts([lenses[i] for i in g])
-    if separable:  # Gaussians: the 1-D marginals straight from the FWHMs; the narrowest sets the tolerance
+    if separable:  # Gaussians: the 1-D marginals straight from the FWHMs set the tolerance; the 2-D pixelised kernels convolve
         K = _gaussian_marginals(kernels[g], p)
         T, peak = _toeplitz(K, n), K.max(-1).argmax(1)
+        k2 = [[gaussian_kernel(f, p) for f in kernels[i]] for i in g]
     else:
-        T = _toeplitz_batch([[k.sum(0) for k in kernels[i]] for i in g], n)
+        T, k2 = _toeplitz_batch([[k.sum(0) for k in kernels[i]] for i in g], n), [kernels[i] for i in g]
         peak = [int(np.argmax([k.max() for k in kernels[i]])) for i in g]
     peak_T = T[np.arange(len(g)), peak]  # the band with the sharpest PSF sets the tolerance
     srcs = [sources[i] for i in g]
@@ -390,17 +420,15 @@ def _render_group(g, sources, lenses, fluxes, kernels, n, p, dx, dy, separable, 
         evaluate = _source_evaluator(srcs[0], fluxes[g[0]], L[0, 5], L[0, 6])
         fc = np.array(_feature_centres(srcs[0]), float).reshape(-1, 2)
         centres = (np.zeros(len(fc), int), fc[:, 0] - L[0, 5], fc[:, 1] - L[0, 6], np.arange(len(fc)) == 0) if len(fc) else None
-    unit, n_rays, mult = _unit_images(evaluate, lc, L, n, p, dx[g], dy[g], peak_T, centres, supersample, max_supersample, tol)
-    chromatic = unit.shape[1] > 1
-    U = unit*p*p*(1. if chromatic else fluxes[g][:, :, None, None])
-    if separable:  # float32 products: 7x faster than float64 here (measured), and exact to 1e-7 of the peak
-        T32 = T.astype(_F)
-        S = (T32 @ U.astype(_F) @ T32.transpose(0, 1, 3, 2)).astype(np.float64)
-    else: S = np.stack([np.stack([convolve(u, k) for u, k in zip(U[a], kernels[i])]) for a, i in enumerate(g)])
+    mom, n_rays, mult = _unit_images(evaluate, lc, L, n, p, dx[g], dy[g], peak_T, centres, supersample, max_supersample, tol)
+    chromatic = mom.shape[1] > 1
+    scale = p*p*(np.ones_like(fluxes[g]) if chromatic else fluxes[g])      # unit sb x pixel area x flux -> nmgy per pixel
     out = []
     for a, i in enumerate(g):
-        fl = U[a].sum((1, 2))
-        out.append(RenderResult(S[a], U[a], fluxes[i].copy(), fl, float(fl.sum()/fluxes[i].sum()),
+        conv = convolve_moments(mom[a] if chromatic else mom[a, 0], _pad_kernels(k2[a]))   # (n_bands, n, n), the pixel integrated once
+        S, U = conv*scale[a][:, None, None], mom[a, :, 0]*scale[a][:, None, None]
+        fl = U.sum((1, 2))
+        out.append(RenderResult(S, U, fluxes[i].copy(), fl, float(fl.sum()/fluxes[i].sum()),
                                 int(mult[a]) if centres is not None else 0, int(n_rays[a])))
     return out
 
