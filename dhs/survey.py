@@ -13,17 +13,21 @@ import fitsio
 from astropy.io import fits
 from astropy.wcs import WCS
 from .core import atomic_path, task_seed
+from .psf import psfex_image, resample_psf, recentre_psf, coadd_psf, psfnorm, psfsize_from_psfnorm, fwhm_of_image
 
 # %% auto 0
 __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER_BAND', 'COADD_KINDS', 'SWEEP_RELDIR',
            'COADD_RELDIR', 'BRICKS_RELPATH', 'SWEEP_BOX_DEG', 'REFETCH_HINT', 'BRICK_ROW_DEG', 'N_BRICK_ROWS',
            'BRICK_COLUMNS', 'MASKBITS', 'BAD_MASKBIT_NAMES', 'BAD_MASKBITS', 'COADD_COMPRESSION', 'COADD_TILE',
-           'COADD_BUNIT', 'TRACTOR_TYPES', 'SWEEP_COLUMNS', 'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath',
-           'brick_coadd_relpaths', 'sweep_relpath', 'sweep_bounds_for', 'depth5_mag', 'depth5_ivar', 'SurveyFileError',
-           'check_fits_file', 'brick_row_ncols', 'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks',
-           'bricks_for_positions', 'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd',
-           'read_coadd', 'write_brick_coadds', 'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout',
-           'nearest_pixel', 'stamp_slice', 'StampOffBrickError', 'BrickImages', 'cut_stamp']
+           'COADD_BUNIT', 'CALIB_RELDIR', 'CCDS_COLUMNS', 'PSFEX_COLUMNS', 'TRACTOR_TYPES', 'SWEEP_COLUMNS',
+           'SWEEP_DTYPE', 'brickname', 'bricknames', 'coadd_relpath', 'brick_coadd_relpaths', 'sweep_relpath',
+           'sweep_bounds_for', 'depth5_mag', 'depth5_ivar', 'SurveyFileError', 'check_fits_file', 'brick_row_ncols',
+           'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks', 'bricks_for_positions',
+           'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd', 'read_coadd',
+           'write_brick_coadds', 'ccds_relpath', 'copsf_relpath', 'psfex_relpath', 'write_ccds', 'read_ccds',
+           'write_psfex', 'read_psfex', 'write_copsf', 'read_copsf', 'psfex_ccd_image', 'coadd_psf_of_brick',
+           'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout', 'nearest_pixel', 'stamp_slice',
+           'StampOffBrickError', 'BrickImages', 'cut_stamp']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -364,6 +368,116 @@ def write_brick_coadds(base:str|Path,        # local root laid out like DR10 (`<
             out.append(Path(base)/coadd_relpath(brick, kind, band)); write_coadd(out[-1], plane, wcs, kind, band, brick, bands)
     out.append(Path(base)/coadd_relpath(brick, 'maskbits')); write_coadd(out[-1], maskbits, wcs, 'maskbits', None, brick, bands)
     return out
+
+# %% ../nbs/01_survey.ipynb
+CALIB_RELDIR = 'south/calib'     # DR10 south calibration products (psfex/, sky/)
+CCDS_COLUMNS = [('image_filename', 'S120'), ('image_hdu', '>i2'), ('camera', 'S5'), ('expnum', '>i8'), ('ccdname', 'S4'),
+                ('filter', 'S1'), ('exptime', '>f4'), ('mjd_obs', '>f8'), ('ra', '>f8'), ('dec', '>f8'), ('ccdzpt', '>f4'),
+                ('sig1', '>f4'), ('fwhm', '>f4'), ('psfnorm', '>f4'), ('galnorm', '>f4'), ('width', '>i2'), ('height', '>i2'),
+                ('ccd_x0', '>i2'), ('ccd_x1', '>i2'), ('ccd_y0', '>i2'), ('ccd_y1', '>i2'),
+                ('brick_x0', '>i2'), ('brick_x1', '>i2'), ('brick_y0', '>i2'), ('brick_y1', '>i2')]
+
+def ccds_relpath(brick:str)->str:
+    "Relative path of a brick's table of contributing CCDs."
+    return f'{COADD_RELDIR}/{brick[:3]}/{brick}/legacysurvey-{brick}-ccds.fits'
+
+def copsf_relpath(brick:str, band:str)->str:
+    "Relative path of a brick's coadd PSF in one band (legacypipe's `--save-coadd-psf` product; dhs's cache builds it)."
+    if band not in ('g', 'r', 'i', 'z'): raise ValueError(f'unknown band {band!r} for the coadd PSF of brick {brick}; expected one of g, r, i, z')
+    return f'{COADD_RELDIR}/{brick[:3]}/{brick}/legacysurvey-{brick}-copsf-{band}.fits.fz'
+
+def psfex_relpath(image_filename:str)->str:
+    "Relative path of the merged PSFEx file of the exposure `image_filename` (as in a ccds table)."
+    name = str(image_filename).strip()
+    folder, base = (name.rsplit('/', 1) if '/' in name else ('', name))
+    for ext in ('.fits.fz', '.fits.gz', '.fits'):
+        if base.endswith(ext): base = base[:-len(ext)]; break
+    return f'{CALIB_RELDIR}/psfex/{folder + "/" if folder else ""}{base}-psfex.fits'
+
+# %% ../nbs/01_survey.ipynb
+def _table(table, columns:list, where:str)->np.ndarray:
+    "A structured array with `columns` (name, dtype) from a DataFrame or structured array; missing columns are an error."
+    names = table.dtype.names if isinstance(table, np.ndarray) else list(table.columns)
+    missing = [n for n, _ in columns if n not in names]
+    if missing: raise ValueError(f'{where}: column(s) {missing} missing')
+    out = np.zeros(len(table), dtype=columns)
+    for n, dt in columns: out[n] = np.asarray(table[n]).astype(dt) if 'S' not in dt else np.char.encode(np.asarray(table[n]).astype(str), 'ascii')
+    return out
+
+def write_ccds(table, path:str|Path):
+    "Write a brick's ccds table (columns `CCDS_COLUMNS`) as DR10 does: FITS binary table `CCDS` in HDU 1, atomically."
+    arr = _table(table, CCDS_COLUMNS, str(path))
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f: f.write(arr, extname='CCDS')
+
+def read_ccds(path:str|Path)->pd.DataFrame:
+    "A brick's ccds table as a DataFrame (text stripped); `SurveyFileError` names a bad file."
+    path = check_fits_file(path)
+    try: arr = fitsio.read(str(path), ext=1)
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read the ccds table ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    return pd.DataFrame({n: _native(arr[n]) for n in arr.dtype.names})
+
+# %% ../nbs/01_survey.ipynb
+PSFEX_COLUMNS = [('expnum', '>i8'), ('ccdname', 'S4'), ('psfaxis1', '>i4'), ('psfaxis2', '>i4'), ('psfaxis3', '>i4'), ('psf_samp', '>f4'),
+                 ('psf_fwhm', '>f4'), ('poldeg1', '>i4'), ('polzero1', '>f8'), ('polzero2', '>f8'), ('polscal1', '>f8'), ('polscal2', '>f8'),
+                 ('moffat_alpha', '>f4'), ('moffat_beta', '>f4')]
+
+def write_psfex(rows:list, path:str|Path):
+    "Write a merged PSFEx file: one row per CCD (dicts with `PSFEX_COLUMNS` and `psf_mask` (n_terms, H, W)), atomically."
+    n_terms, h, w = (max(np.shape(r['psf_mask'])[i] for r in rows) for i in range(3))
+    arr = np.zeros(len(rows), dtype=PSFEX_COLUMNS + [('psf_mask', '>f4', (n_terms, h, w))])
+    for k, r in enumerate(rows):
+        m = np.asarray(r['psf_mask'], float); arr['psf_mask'][k, :m.shape[0], :m.shape[1], :m.shape[2]] = m
+        for n, dt in PSFEX_COLUMNS:
+            v = r.get(n, m.shape[{'psfaxis1': 2, 'psfaxis2': 1, 'psfaxis3': 0}[n]] if n.startswith('psfaxis') else 0)
+            arr[n][k] = str(v).encode() if 'S' in dt else v
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f: f.write(arr, extname='PSFEX')
+
+def read_psfex(path:str|Path, expnum:int, ccdname:str)->dict:
+    "The PSFEx row of one CCD (psf_mask cut to its terms and axes); `SurveyFileError` when the file or the CCD is missing."
+    path = check_fits_file(path)
+    try: arr = fitsio.read(str(path), ext=1)
+    except Exception as e: raise SurveyFileError(f'{path}: cannot read the PSFEx table ({type(e).__name__}: {e}); {REFETCH_HINT}') from e
+    hit = np.flatnonzero((arr['expnum'] == int(expnum)) & (np.char.strip(arr['ccdname'].astype(str)) == str(ccdname).strip()))
+    if len(hit) != 1: raise SurveyFileError(f'{path}: {len(hit)} rows for expnum {expnum} CCD {ccdname} (expected 1); the ccds table and the PSFEx file disagree')
+    r = arr[hit[0]]; out = {n: _native(np.array([r[n]]))[0] for n, _ in PSFEX_COLUMNS}
+    n_terms = (int(r['poldeg1']) + 1) * (int(r['poldeg1']) + 2) // 2
+    out['psf_mask'] = np.asarray(r['psf_mask'], float)[:n_terms, :int(r['psfaxis2']), :int(r['psfaxis1'])]
+    return out
+
+# %% ../nbs/01_survey.ipynb
+def write_copsf(path:str|Path, psf:np.ndarray, brick:str, band:str, **cards):
+    "Write a coadd PSF image (odd, centred, sum 1) DR10-like: empty primary HDU, compressed HDU 1, atomically."
+    psf = np.asarray(psf, np.float32)
+    if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[0] != psf.shape[1]: raise ValueError(f'{path}: a PSF image must be square with an odd side, got {psf.shape}')
+    hdr = [dict(name='BRICKNAM', value=brick), dict(name='BAND', value=band)] + [dict(name=k.upper()[:8], value=v) for k, v in cards.items()]
+    with atomic_path(path) as tmp, fitsio.FITS(str(tmp), 'rw', clobber=True) as f: f.write(psf, header=hdr, compress='GZIP', qlevel=None)
+
+def read_copsf(path:str|Path)->tuple[np.ndarray, fits.Header]:
+    "A coadd PSF image (float64, renormalised to sum 1) and its header."
+    img, hdr = read_coadd(path)
+    if img.shape[0] != img.shape[1] or img.shape[0] % 2 == 0 or not np.isfinite(img).all() or img.sum() <= 0:
+        raise SurveyFileError(f'{path}: not a coadd PSF (square, odd side, finite, positive sum); got {img.shape}; {REFETCH_HINT}')
+    img = img.astype(float)
+    return img / img.sum(), hdr
+
+# %% ../nbs/01_survey.ipynb
+def psfex_ccd_image(row:dict, ccd:pd.Series|dict, size:int=63, pixscale_ratio:float=1.0)->np.ndarray:
+    "One CCD's PSF on the brick grid (odd `size`): its PSFEx model at the centre of its overlap with the brick."
+    x, y = 0.5 * (ccd['ccd_x0'] + ccd['ccd_x1'] - 1), 0.5 * (ccd['ccd_y0'] + ccd['ccd_y1'] - 1)
+    img = psfex_image(row['psf_mask'], row['poldeg1'], x, y, (row['polzero1'], row['polzero2']), (row['polscal1'], row['polscal2']))
+    return resample_psf(img, float(row['psf_samp']) * pixscale_ratio, size)
+
+def coadd_psf_of_brick(base:str|Path, brick:str, band:str, size:int=63, ccds:pd.DataFrame|None=None)->tuple[np.ndarray, dict]:
+    "The coadd PSF (size x size, sum 1) of a brick and band from its ccds table and PSFEx files under `base`, and a record."
+    base = Path(base)
+    ccds = read_ccds(base/ccds_relpath(brick)) if ccds is None else ccds
+    sel = ccds[ccds['filter'].astype(str).str.strip() == band]
+    if not len(sel): raise SurveyFileError(f'brick {brick}: no {band}-band CCD in {base/ccds_relpath(brick)}; no coadd PSF for this band')
+    imgs = [psfex_ccd_image(read_psfex(base/psfex_relpath(c['image_filename']), c['expnum'], c['ccdname']), c, size) for _, c in sel.iterrows()]
+    w = 1 / sel['sig1'].to_numpy(float) ** 2
+    psf = recentre_psf(coadd_psf(imgs, w))
+    return psf, dict(n_ccds=len(sel), psfsize=psfsize_from_psfnorm([psfnorm(i) for i in imgs], sel['sig1'].to_numpy(float)),
+                     fwhm=fwhm_of_image(psf), expnums=sel['expnum'].astype(int).tolist())
 
 # %% ../nbs/01_survey.ipynb
 TRACTOR_TYPES = ('PSF', 'REX', 'DEV', 'EXP', 'SER', 'DUP')  # Tractor morphological types in TYPE
