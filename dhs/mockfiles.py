@@ -13,18 +13,18 @@ from .core import write_parquet, with_metadata, parquet_metadata
 from . import survey
 from .survey import BANDS, MASKBITS, nearest_pixel
 from .sources import q_phi_to_tractor_shape
-from .psf import FWHM_PER_SIGMA, gaussian_nea_pix
+from .psf import FWHM_PER_SIGMA, fwhm_of_image
 from .parent import desi_lrg_south
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only (no import cycle)
     from dhs.mockpop import BrickMaps, BrickConditions
     from dhs.mocksky import MockSkyConfig, SimulatedBrick
-from .mockrender import EXTINCTION_COEFFS, transmission, aperture_sum, cutout_window, galaxy_nea_pix, ObjectStamp
+from .mockrender import EXTINCTION_COEFFS, transmission, aperture_sum, cutout_window, ObjectStamp
 
 # %% auto 0
 __all__ = ['RELEASE', 'W_SIGMA_NMGY', 'forced_photometry', 'annotate_truth', 'sweep_table', 'brick_work_paths',
-           'write_parquet_meta', 'parquet_meta', 'brick_summary', 'write_brick', 'brick_complete', 'write_sweeps',
-           'gather_mock_sky']
+           'write_parquet_meta', 'parquet_meta', 'brick_summary', 'write_psf_inputs', 'write_brick', 'brick_complete',
+           'write_sweeps', 'gather_mock_sky']
 
 # %% ../nbs/08_mockfiles.ipynb
 RELEASE = 10000                   # DR10 south DECam release number
@@ -86,8 +86,8 @@ def _with_position_noise(s:pd.DataFrame, c:pd.DataFrame, rng)->pd.DataFrame:
 
 # %% ../nbs/08_mockfiles.ipynb
 def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, maps:BrickMaps, cond:BrickConditions,
-                brick:dict, rng:np.random.Generator)->pd.DataFrame:
-    "DR10 sweep rows (SWEEP_COLUMNS names) of the catalogued objects of an annotated truth table, in OBJID order."
+                brick:dict, rng:np.random.Generator, psfs:dict)->pd.DataFrame:
+    "DR10 sweep rows (SWEEP_COLUMNS names) of the catalogued objects of an annotated truth table, in OBJID order; depths from the exposures (`psfs`)."
     c = t[t.catalogued].sort_values('objid')
     loc, resid = _local_conditions(c, maps, invvar, maskbits), image - model
     phot = [forced_photometry(stamps[i], resid, invvar, maskbits) for i in c.index]
@@ -98,11 +98,11 @@ def sweep_table(t:pd.DataFrame, stamps:dict, image, invvar, maskbits, model, map
              MASKBITS=loc['maskbits'])
     for band in EXTINCTION_COEFFS: s[f'MW_TRANSMISSION_{band}'] = transmission(c.ebv, band)
     for b, band in enumerate(BANDS):
-        B, ps, iv = band.upper(), loc['psfsize'][:, b], loc['invvar'][:, b]
-        safe = np.where(ps > 0, ps, 1.0)  # no coverage: psfsize 0, depths 0
+        B, ps, iv, bp = band.upper(), loc['psfsize'][:, b], loc['invvar'][:, b], psfs[band]
+        # DR10: PSFDEPTH = sum psfnorm^2 / sig1^2, GALDEPTH = sum galnorm^2 / sig1^2 over the CCDs, scaled with the local invvar
         s.update({f'FLUX_{B}': flux[:, b], f'FLUX_IVAR_{B}': ivar[:, b], f'NOBS_{B}': np.where(loc['covered'][:, b], cond.nobs[b], 0),
-                  f'PSFSIZE_{B}': ps, f'PSFDEPTH_{B}': np.where(ps > 0, iv / gaussian_nea_pix(safe), 0.0),
-                  f'GALDEPTH_{B}': np.where(ps > 0, iv / galaxy_nea_pix(safe), 0.0),
+                  f'PSFSIZE_{B}': ps, f'PSFDEPTH_{B}': np.where(ps > 0, iv * bp.psfdepth / bp.invvar, 0.0),
+                  f'GALDEPTH_{B}': np.where(ps > 0, iv * bp.galdepth / bp.invvar, 0.0),
                   f'ALLMASK_{B}': ((loc['maskbits'] >> MASKBITS[f'ALLMASK_{B}']) & 1).astype(np.int16)})
     for w in ('W1', 'W2'):
         s.update({f'FLUX_{w}': c[f'flux_{w.lower()}'] * s[f'MW_TRANSMISSION_{w}'] + rng.normal(0, W_SIGMA_NMGY[w], len(c)),
@@ -127,18 +127,31 @@ def parquet_meta(path:str|Path)->dict:
     return json.loads(parquet_metadata(path, 'dhs') or '{}')
 
 def brick_summary(sim:SimulatedBrick, seconds:float)->dict:
-    "JSON-ready record of a brick: plan row, conditions, counts per class, seconds."
+    "JSON-ready record of a brick: plan row, conditions, its PSF per band, counts per class, seconds."
     c = sim.cond
+    psf = {b: dict(psfsize=round(bp.psfsize, 4), n_exposures=len(bp.ccds), fwhm_arcsec=round(fwhm_of_image(bp.psf), 4), g_eff=round(bp.g_eff, 1))
+           for b, bp in sim.psfs.items()}
     return dict(brick=sim.brick['BRICKNAME'], npix=int(sim.brick['npix']), lens=sim.brick.get('lens_name') or '', population=c.population,
                 psfsize=dict(zip(BANDS, np.round(c.psfsize, 4).tolist())), depth_mag=dict(zip(BANDS, np.round(c.depth_mag, 3).tolist())),
-                nobs=dict(zip(BANDS, c.nobs.tolist())), ebv=round(c.ebv, 4), counts=sim.truth.cls.value_counts().to_dict(),
+                nobs=dict(zip(BANDS, c.nobs.tolist())), ebv=round(c.ebv, 4), psf=psf, counts=sim.truth.cls.value_counts().to_dict(),
                 catalogued=int(sim.truth.catalogued.sum()), seconds=round(seconds, 3))
 
 # %% ../nbs/08_mockfiles.ipynb
+def write_psf_inputs(out:str|Path, sim:SimulatedBrick)->list[str]:
+    "Write a brick's ccds table and one merged PSFEx file per exposure, in DR10's layout; their relative paths."
+    name, ccds = sim.brick['BRICKNAME'], pd.concat([bp.ccds for bp in sim.psfs.values()], ignore_index=True)
+    survey.write_ccds(ccds, Path(out)/survey.ccds_relpath(name))
+    rels = [survey.ccds_relpath(name)]
+    for bp in sim.psfs.values():
+        for (_, c), row in zip(bp.ccds.iterrows(), bp.psfex):
+            rels.append(survey.psfex_relpath(c['image_filename'])); survey.write_psfex([row], Path(out)/rels[-1])
+    return rels
+
 def write_brick(out:str|Path, sim:SimulatedBrick, h:str, seconds:float)->dict:
-    "Write a simulated brick: coadds, then its sweep and truth working files (truth last: it marks completion)."
+    "Write a simulated brick: coadds, its PSF inputs (ccds table, PSFEx files), then its sweep and truth working files (truth last: it marks completion)."
     name = sim.brick['BRICKNAME']
     survey.write_brick_coadds(out, name, sim.wcs, sim.image, sim.invvar, sim.maps.psfsize, sim.maskbits)
+    write_psf_inputs(out, sim)
     truth_path, sweep_path = brick_work_paths(out, name)
     summary = brick_summary(sim, seconds)
     write_parquet_meta(sim.sweep, sweep_path, dict(brick_hash=h))
@@ -150,7 +163,7 @@ def brick_complete(out:str|Path, brick:dict, h:str)->bool:
     truth_path, sweep_path = brick_work_paths(out, brick['BRICKNAME'])
     try:
         if parquet_meta(truth_path).get('brick_hash') != h or parquet_meta(sweep_path).get('brick_hash') != h: return False
-        for rel in survey.brick_coadd_relpaths(brick['BRICKNAME']): survey.check_fits_file(Path(out)/rel)
+        for rel in survey.brick_coadd_relpaths(brick['BRICKNAME']) + [survey.ccds_relpath(brick['BRICKNAME'])]: survey.check_fits_file(Path(out)/rel)
         return True
     except (OSError, survey.SurveyFileError, pa.ArrowException, ValueError): return False
 

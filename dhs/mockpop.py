@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from .survey import BANDS
+from .core import task_seed
 from .sources import mag_to_nmgy, nmgy_to_mag, draw_source_colours
-from .psf import gaussian_nea_pix
-from .survey import depth5_ivar
 from .parent import desi_lrg_south
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only (no import cycle)
@@ -18,8 +17,9 @@ if TYPE_CHECKING:  # annotations only (no import cycle)
 from .mockrender import dev_fiber_fraction, spiral_colour_weights, PIX
 
 # %% auto 0
-__all__ = ['DEPTH_MEDIAN_MAG', 'CONTAMINANT_KINDS', 'FIELD_KINDS', 'DEPTH_MIXTURE', 'PSF_BAND_RATIO', 'TRUTH_DEFAULTS',
-           'CATALOGUED_CLASSES', 'FIELD_MIX', 'FIELD_TYPE', 'BrickConditions', 'draw_conditions', 'smooth_factor',
+__all__ = ['DEPTH_MEDIAN_MAG', 'CONTAMINANT_KINDS', 'FIELD_KINDS', 'DECAM_ZPT', 'DECAM_PIXSCALE', 'DEPTH_MIXTURE',
+           'PSF_BAND_RATIO', 'EXPOSURE_COLUMNS', 'TRUTH_DEFAULTS', 'CATALOGUED_CLASSES', 'FIELD_MIX', 'FIELD_TYPE',
+           'BrickConditions', 'draw_conditions', 'exposure_filename', 'draw_exposures', 'smooth_factor',
            'coverage_mask', 'BrickMaps', 'draw_maps', 'truth_frame', 'draw_lrg_hosts', 'draw_field_galaxies',
            'draw_stars', 'draw_contaminants', 'draw_lensed_source', 'draw_brick_objects']
 
@@ -27,6 +27,8 @@ __all__ = ['DEPTH_MEDIAN_MAG', 'CONTAMINANT_KINDS', 'FIELD_KINDS', 'DEPTH_MIXTUR
 DEPTH_MEDIAN_MAG = dict(g=24.9, r=24.4, z=23.5)  # DR10 south 5-sigma point-source depth medians [AB mag]
 CONTAMINANT_KINDS = ('ring', 'arm', 'tidal', 'merger', 'companion')  # lens-like contaminants placed on LRG hosts
 FIELD_KINDS = ('disk', 'spiral', 'edgeon', 'sersic', 'compact')      # field galaxy morphologies
+DECAM_ZPT = dict(g=26.6, r=26.8, z=26.5)      # DECam zero points [AB mag for 1 e-/s] (DECaLS ccds tables: about these)
+DECAM_PIXSCALE = 0.262                     # DECam pixels are the bricks' [arcsec/pixel]
 
 # %% ../nbs/07_mockpop.ipynb
 DEPTH_MIXTURE = dict(deep=(0.65, +0.10, (3, 7)), shallow=(0.35, -0.45, (1, 3)))  # weight, offset [mag], NOBS range
@@ -51,6 +53,32 @@ def draw_conditions(rng:np.random.Generator, cfg:MockSkyConfig)->BrickConditions
     depth = np.array([DEPTH_MEDIAN_MAG[b] + offset + rng.normal(0, 0.12) for b in BANDS])
     ebv = float(np.clip(0.035 * np.exp(rng.normal(0, 0.7)), 0.003, 0.5))
     return BrickConditions(pop, psf, depth, rng.integers(n0, n1, size=3), ebv)
+
+# %% ../nbs/07_mockpop.ipynb
+EXPOSURE_COLUMNS = ['band', 'expnum', 'image_filename', 'ccdname', 'exptime', 'ccdzpt', 'mjd_obs', 'depth_share', 'fwhm_pix', 'beta', 'e',
+                    'phi', 'wing_frac', 'wing_fwhm_pix', 'ccd_x0', 'ccd_y0']
+
+def exposure_filename(expnum:int, band:str, mjd:float)->str:
+    "A DECam CP image name like DR10's, from an exposure number, band and MJD."
+    import datetime
+    t = datetime.datetime(1858, 11, 17) + datetime.timedelta(days=float(mjd))
+    return f"decam/CP/V4.8.2a/CP{t:%Y%m%d}/c4d_{t:%y%m%d_%H%M%S}_ooi_{band}_ls10.fits.fz"
+
+def draw_exposures(rng:np.random.Generator, cond:BrickConditions, brick:str, cfg:MockSkyConfig, npix:int)->pd.DataFrame:
+    "The exposures of one brick, `nobs` per band, with their PSF, gain and depth share (EXPOSURE_COLUMNS)."
+    rows = []
+    for b, band in enumerate(BANDS):
+        n = int(cond.nobs[b]); t = rng.uniform(0.5, 1.5, n)
+        for k in range(n):
+            expnum = int(task_seed(f'{brick}-{band}-{k}', cfg.salt) % 9_000_000) + 100_000
+            mjd = 56500.0 + rng.uniform(0, 3300)
+            rows.append(dict(band=band, expnum=expnum, image_filename=exposure_filename(expnum, band, mjd), ccdname=str(rng.choice(['N4', 'S4', 'N10', 'S22'])),
+                             exptime=rng.uniform(*cfg.exptime_s), ccdzpt=DECAM_ZPT[band] + rng.normal(0, 0.05), mjd_obs=mjd, depth_share=t[k] / t.sum(),
+                             fwhm_pix=0.811 * cond.psfsize[b] * np.exp(rng.normal(0, cfg.exposure_psf_scatter_ln)) / DECAM_PIXSCALE,
+                             beta=rng.uniform(*cfg.psf_beta_range), e=rng.uniform(0, cfg.psf_e_max), phi=rng.uniform(0, np.pi),
+                             wing_frac=rng.uniform(*cfg.psf_wing_frac), wing_fwhm_pix=rng.uniform(*cfg.psf_wing_fwhm_arcsec) / DECAM_PIXSCALE,
+                             ccd_x0=int(rng.integers(0, 2046 - npix)) if npix < 2046 else 0, ccd_y0=int(rng.integers(0, 4094 - npix)) if npix < 4094 else 0))
+    return pd.DataFrame(rows, columns=EXPOSURE_COLUMNS)
 
 # %% ../nbs/07_mockpop.ipynb
 def smooth_factor(rng:np.random.Generator, npix:int, amplitude:float)->np.ndarray:
@@ -78,14 +106,13 @@ class BrickMaps:
     ebv:np.ndarray       # (P, P) float32 E(B-V) [mag]
     covered:np.ndarray   # (3, P, P) bool
 
-def draw_maps(rng:np.random.Generator, cond:BrickConditions, npix:int, cfg:MockSkyConfig)->BrickMaps:
-    "Smooth psfsize, invvar and E(B-V) maps of a brick, invvar set by the depth at the centre and the local NEA."
-    psf = np.stack([p * smooth_factor(rng, npix, cfg.psf_variation) for p in cond.psfsize]).astype(np.float32)
-    ivar0 = depth5_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize)  # invvar_pix = PSFDEPTH x NEA_pix
-    invvar = np.stack([v * smooth_factor(rng, npix, cfg.depth_variation) for v in ivar0]).astype(np.float32)
+def draw_maps(rng:np.random.Generator, psfsize, invvar, ebv:float, npix:int, cfg:MockSkyConfig)->BrickMaps:
+    "psfsize (constant: the coadd's, one PSF per band), smooth invvar around the coadd's and E(B-V) maps of a brick, 0 where not covered."
+    psf = np.stack([np.full((npix, npix), p, np.float32) for p in np.asarray(psfsize, float)])
+    iv = np.stack([v * smooth_factor(rng, npix, cfg.depth_variation) for v in np.asarray(invvar, float)]).astype(np.float32)
     covered = np.stack([coverage_mask(rng, npix, cfg.no_coverage_prob) for _ in BANDS])
-    psf[~covered], invvar[~covered] = 0, 0
-    return BrickMaps(psf, invvar, (cond.ebv * smooth_factor(rng, npix, 0.1)).astype(np.float32), covered)
+    psf[~covered], iv[~covered] = 0, 0
+    return BrickMaps(psf, iv, (ebv * smooth_factor(rng, npix, 0.1)).astype(np.float32), covered)
 
 # %% ../nbs/07_mockpop.ipynb
 TRUTH_DEFAULTS = dict(  # column -> default of the truth table

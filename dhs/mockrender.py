@@ -11,31 +11,36 @@ import pandas as pd
 from scipy.interpolate import RegularGridInterpolator
 from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, nearest_pixel
 from .sources import sersic_sb, elliptical_radius
-from .psf import moffat_kernel, gaussian_kernel, moffat_fwhm_from_psfsize, convolve, gaussian_nea_pix
+from .psf import (gaussian_kernel, convolve, convolve_moments, subpixel_moments, shifted_kernel, pixelise_psf, moffat_wing_sb,
+                     psfnorm, fwhm_of_image)
 from .survey import depth5_ivar
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only (no import cycle)
-    from dhs.mockpop import BrickMaps, BrickConditions
+    from dhs.mockpop import BrickMaps
     from dhs.mocksky import MockSkyConfig
+from .survey import coadd_psf_from_ccds, coadd_gain
+from .render import add_shot_noise
 
 # %% auto 0
-__all__ = ['EXTINCTION_COEFFS', 'MOFFAT_BETA', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC', 'GALDEPTH_REFF_ARCSEC',
-           'SATURATION_NMGY', 'PIX', 'SPIRAL_COLOURS', 'arc_sb', 'arc_outer_radius', 'spiral_modulation',
-           'sersic_truncation', 'component_sb', 'pixelise', 'psf_kernel', 'fiber_kernel', 'moffat_truncation',
-           'kernel_radius_pix', 'add_clipped', 'cutout_window', 'render_point_source', 'component_extent',
-           'aperture_weights', 'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction', 'galaxy_nea_pix',
+__all__ = ['EXTINCTION_COEFFS', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC', 'GALDEPTH_REFF_ARCSEC', 'SATURATION_NMGY', 'PIX',
+           'PSF_SIZE', 'FAINT_PSF_HALF', 'FAINT_NMGY', 'SPIRAL_COLOURS', 'arc_sb', 'arc_outer_radius',
+           'spiral_modulation', 'sersic_truncation', 'component_sb', 'pixelise_moments', 'pixelise', 'fiber_kernel',
+           'add_clipped', 'cutout_window', 'render_point_source', 'BandPSF', 'exposure_psf', 'galnorm', 'brick_psfs',
+           'component_extent', 'aperture_weights', 'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction',
            'spiral_colour_weights', 'object_components', 'ObjectStamp', 'render_object', 'at_pixel', 'transmission',
            'render_model', 'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images', 'render_lensed_source',
            'add_lensed_sources']
 
 # %% ../nbs/06_mockrender.ipynb
 EXTINCTION_COEFFS = dict(G=3.214, R=2.165, I=1.592, Z=1.211, W1=0.184, W2=0.113, W3=0.0241, W4=0.00910)  # A_b / E(B-V)
-MOFFAT_BETA = 3.5                 # true PSF of the mock: Moffat beta 3.5 with FWHM 0.811 x psfsize (same NEA as DR10's psfsize Gaussian)
 FIBER_RADIUS_ARCSEC = 0.75        # DESI fibre: 1.5" diameter
 FIBER_SEEING_ARCSEC = 1.0         # FIBERFLUX is defined for 1" FWHM Gaussian seeing (DR10 catalogs)
 GALDEPTH_REFF_ARCSEC = 0.45       # GALDEPTH: depth for a round exponential galaxy of half-light radius 0.45" (DR10)
 SATURATION_NMGY = dict(g=15.0, r=15.0, z=15.0)  # coadd pixel value above which a pixel is saturated [nmgy]
 PIX = PIXSCALE_ARCSEC
+PSF_SIZE = 63                      # side of the PSF images: PSFEx models and the coadd PSF [pixels] (DR10's PSFEx stamps are 63 px)
+FAINT_PSF_HALF = 15                # objects fainter than FAINT_NMGY are rendered through the PSF's central 31 x 31 pixels
+FAINT_NMGY = 5.0                   # (r > 20.7: the wing beyond 15 px then holds < 1e-5 nmgy per pixel, far below the sky noise)
 
 # %% ../nbs/06_mockrender.ipynb
 def _circularised(x, y, q:float, phi:float):
@@ -94,52 +99,41 @@ def _subpixel_grid(half:int, ss:int, dx:float, dy:float):
     u = (np.arange((2 * half + 1) * ss) + 0.5) / ss - 0.5 - half  # sub-pixel centres [pixels from the centre pixel]
     return np.meshgrid((u - dx) * PIX, (u - dy) * PIX)
 
-def pixelise(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
-    "Unconvolved pixel-integrated stamp (nb, 2 half + 1, 2 half + 1) [nmgy/pixel] of components, each normalised to its fluxes."
+def pixelise_moments(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
+    "Pixel light moments (nb, n_moments, 2 half + 1, 2 half + 1) [nmgy x pixel^(p+q)] of components, each normalised to its fluxes, from ss x ss sub-samples."
     n = 2 * half + 1
     X, Y = _subpixel_grid(half, ss, dx, dy)
+    u = (np.arange(ss) + 0.5) / ss - 0.5
+    U, V = np.meshgrid(u, u)
     out = None
     for kind, p, flux in components:
-        s = component_sb(kind, p, X, Y).reshape(n, ss, n, ss).sum((1, 3))
+        s = component_sb(kind, p, X, Y).reshape(n, ss, n, ss)
         if not s.sum() > 0: raise ValueError(f'component {kind} {p} has no light on its {n}x{n} stamp')
-        term = np.asarray(flux, float)[:, None, None] * (s / s.sum())[None]
+        m = subpixel_moments(np.moveaxis(s, 2, 1).reshape(n, n, ss * ss), U.ravel(), V.ravel()) * ss * ss / s.sum()   # (n, n, n_moments), sum of M00 = 1
+        term = np.asarray(flux, float)[:, None, None, None] * np.moveaxis(m, -1, 0)[None]
         out = term if out is None else out + term
     return out
 
+def pixelise(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
+    "Unconvolved pixel-integrated stamp (nb, 2 half + 1, 2 half + 1) [nmgy/pixel] of components, each normalised to its fluxes."
+    return pixelise_moments(components, dx, dy, half, ss)[:, 0]
+
 # %% ../nbs/06_mockrender.ipynb
-@lru_cache(maxsize=256)
-def _kernel(kind:str, fwhm_mas:int, pixscale_nas:int, eps_exp10:int)->np.ndarray:
-    "Cached PSF kernel (read-only); arguments quantised: FWHM in mas, pixel scale in nano-arcsec, truncation 10^(eps_exp10/2)."
-    fwhm, pixscale = fwhm_mas / 1000, pixscale_nas / 1e9
-    # point-sampled (oversample=1): the images it convolves are already pixel-integrated, integrating twice would blur
-    if kind == 'gauss': k = gaussian_kernel(fwhm, pixscale, oversample=1)
-    else: k = moffat_kernel(fwhm, MOFFAT_BETA, pixscale, flux_frac=1 - 10 ** (eps_exp10 / 2), oversample=1)
+@lru_cache(maxsize=16)
+def _kernel(fwhm_mas:int, pixscale_nas:int)->np.ndarray:
+    "Cached point-sampled Gaussian kernel (read-only); FWHM in mas, pixel scale in nano-arcsec."
+    k = gaussian_kernel(fwhm_mas / 1000, pixscale_nas / 1e9, oversample=1)
     k.setflags(write=False)
     return k
 
-def psf_kernel(psfsize:float,         # DR10 psfsize at the object [arcsec]
-               ss:int=1,              # pixel subdivision the kernel is sampled at
-               trunc:float=5e-3,      # flux fraction outside the truncation radius
-              )->np.ndarray:
-    "The mock's true PSF: pixelised Moffat (beta 3.5, FWHM 0.811 psfsize), truncated at 1 - `trunc` of its flux."
-    e = int(np.clip(np.floor(2 * np.log10(trunc)), -14, -5))
-    fwhm_mas = 2 * int(round(moffat_fwhm_from_psfsize(psfsize) * 500))  # 2 mas steps (0.2%): kernels are shared
-    return _kernel('moffat', fwhm_mas, int(round(PIX / ss * 1e9)), e)
 
 def fiber_kernel(ss:int=1)->np.ndarray:
     "1\" FWHM Gaussian sampled at pixel / ss: the seeing FIBERFLUX is defined for."
-    return _kernel('gauss', int(FIBER_SEEING_ARCSEC * 1000), int(round(PIX / ss * 1e9)), 0)
+    return _kernel(int(FIBER_SEEING_ARCSEC * 1000), int(round(PIX / ss * 1e9)))
 
 # %% ../nbs/06_mockrender.ipynb
-def moffat_truncation(flux_nmgy:float, sigma_pix:float, psfsize:float)->float:
-    "Flux fraction eps outside the Moffat truncation radius so the cut is at 0.1 x the pixel noise, in [1e-7, 5e-3]."
-    alpha = moffat_fwhm_from_psfsize(psfsize) / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1))
-    rhs = 0.1 * sigma_pix * np.pi * alpha**2 / (max(flux_nmgy, 1e-12) * (MOFFAT_BETA - 1) * PIX**2)
-    return float(np.clip(rhs ** ((MOFFAT_BETA - 1) / MOFFAT_BETA), 1e-7, 5e-3))
+#| export
 
-def kernel_radius_pix(psfsize:float, trunc:float)->int:
-    "Half size [pixels] of `psf_kernel(psfsize, 1, trunc)`."
-    return psf_kernel(psfsize, 1, trunc).shape[0] // 2
 
 # %% ../nbs/06_mockrender.ipynb
 def add_clipped(target:np.ndarray, stamp:np.ndarray, y0:int, x0:int, weight:float=1.0):
@@ -157,18 +151,68 @@ def cutout_window(a:np.ndarray, y0:int, x0:int, h:int, w:int, fill=0)->np.ndarra
     return out
 
 # %% ../nbs/06_mockrender.ipynb
-def render_point_source(flux, dx:float, dy:float, half:int, kernels_ss:list, ss:int=4)->np.ndarray:
-    "PSF stamps (nb, 2 half + 1, 2 half + 1) [nmgy/pixel] of a point source at sub-pixel offset (dx, dy) [pixels]."
-    n = 2 * half + 1
-    c = (np.array([dx, dy]) + half + 0.5) * ss - 0.5          # position on the sub-pixel grid
-    i0 = np.floor(c).astype(int); f = c - i0                  # cloud-in-cell: exact centroid, blur 1/(6 ss^2) px^2
-    out = []
-    for F, k in zip(np.asarray(flux, float), kernels_ss):
-        g, r = np.zeros((n * ss, n * ss)), k.shape[0] // 2
-        for ox, oy, w in ((0, 0, (1 - f[0]) * (1 - f[1])), (1, 0, f[0] * (1 - f[1])), (0, 1, (1 - f[0]) * f[1]), (1, 1, f[0] * f[1])):
-            add_clipped(g, k, i0[1] + oy - r, i0[0] + ox - r, w)
-        out.append(F * g.reshape(n, ss, n, ss).sum((1, 3)))
-    return np.stack(out)
+def render_point_source(flux, dx:float, dy:float, kernels:list, size:int)->np.ndarray:
+    "Stamps (nb, size, size) [nmgy/pixel] of a point source at sub-pixel offset (dx, dy) [pixels] through pixelised PSFs (Fourier shift)."
+    return np.stack([F * shifted_kernel(k, dx, dy, size) for F, k in zip(np.asarray(flux, float), kernels)])
+
+# %% ../nbs/06_mockrender.ipynb
+@dataclass
+class BandPSF:
+    "One band of a brick: its coadd PSF and the DR10 quantities its exposures give."
+    psf:np.ndarray          # (PSF_SIZE, PSF_SIZE) coadd PSF, pixelised, centred, sum 1
+    psfsize:float           # DR10 psfsize [arcsec] (legacypipe's, from the exposures' psfnorm)
+    invvar:float            # coadd pixel inverse variance, sum 1/sig1^2 [1/nmgy^2]
+    psfdepth:float          # point-source depth, sum psfnorm^2/sig1^2 [1/nmgy^2]
+    galdepth:float          # galaxy depth, sum galnorm^2/sig1^2 [1/nmgy^2]
+    g_eff:float             # electrons per nanomaggy of the coadd
+    ccds:pd.DataFrame       # its rows of the brick's ccds table (dhs.survey.CCDS_COLUMNS)
+    psfex:list              # the merged-PSFEx rows of those CCDs (dicts, psf_mask float32 as in the files)
+
+def exposure_psf(e)->np.ndarray:
+    "An exposure's pixelised PSF image (PSF_SIZE x PSF_SIZE, sum 1)."
+    return pixelise_psf(lambda x, y: moffat_wing_sb(x, y, e.fwhm_pix, e.beta, e.e, e.phi, e.wing_frac, e.wing_fwhm_pix), PSF_SIZE, oversample=5)
+
+@lru_cache(maxsize=1)
+def _rex_moments():
+    "Moments of the 0.45\" round exponential galaxy of DR10's GALDEPTH, unit flux, on a 31 x 31 stamp."
+    return pixelise_moments([('sersic', dict(r_eff=GALDEPTH_REFF_ARCSEC, n=1.0, q=1.0, phi=0.0), [1.0])], 0.0, 0.0, 15)[0]
+
+def galnorm(psf:np.ndarray)->float:
+    "sqrt(sum g^2) [1/pixel] of the GALDEPTH galaxy seen through a pixelised PSF (legacypipe's galnorm)."
+    g = convolve_moments(_rex_moments(), psf)
+    return float(np.sqrt(np.sum((g / g.sum())**2)))
+
+# %% ../nbs/06_mockrender.ipynb
+def _ccd_rows(exps:pd.DataFrame, imgs:list, depth_ivar:float, brick:dict, npix:int)->pd.DataFrame:
+    "ccds-table rows (dhs.survey.CCDS_COLUMNS) of one band's exposures, sig1 set by their share of the point-source depth."
+    pn = np.array([psfnorm(i) for i in imgs])
+    sig1 = pn / np.sqrt(depth_ivar * exps.depth_share.to_numpy())          # sum psfnorm^2 / sig1^2 = the band's depth
+    return pd.DataFrame(dict(image_filename=exps.image_filename.to_numpy(), image_hdu=1, camera='decam', expnum=exps.expnum.to_numpy(),
+                             ccdname=exps.ccdname.to_numpy(), filter=exps.band.to_numpy(), exptime=exps.exptime.to_numpy(), mjd_obs=exps.mjd_obs.to_numpy(),
+                             ra=brick['RA'], dec=brick['DEC'], ccdzpt=exps.ccdzpt.to_numpy(), sig1=sig1.astype(np.float32),
+                             fwhm=[fwhm_of_image(i, 1.0) for i in imgs], psfnorm=pn, galnorm=[galnorm(i) for i in imgs], width=2046, height=4094,
+                             ccd_x0=exps.ccd_x0.to_numpy(), ccd_x1=exps.ccd_x0.to_numpy() + npix, ccd_y0=exps.ccd_y0.to_numpy(),
+                             ccd_y1=exps.ccd_y0.to_numpy() + npix, brick_x0=0, brick_x1=npix, brick_y0=0, brick_y1=npix))
+
+def _psfex_row(e, img:np.ndarray)->dict:
+    "A merged-PSFEx row (constant model: poldeg 0) of an exposure's PSF image, float32 as written."
+    a = e.fwhm_pix / (2 * np.sqrt(2 ** (1 / e.beta) - 1))
+    return dict(expnum=int(e.expnum), ccdname=e.ccdname, psf_mask=img.astype(np.float32)[None].astype(float), psfaxis1=PSF_SIZE, psfaxis2=PSF_SIZE,
+                psfaxis3=1, psf_samp=1.0, psf_fwhm=fwhm_of_image(img, 1.0), poldeg1=0, polzero1=0.0, polzero2=0.0, polscal1=1.0, polscal2=1.0,
+                moffat_alpha=float(a), moffat_beta=float(e.beta))
+
+def brick_psfs(exposures:pd.DataFrame, depth_mag, brick:dict, npix:int)->dict:
+    "band -> BandPSF of a brick from its exposures and its point-source depths `depth_mag` (3,) [AB]."
+    out = {}
+    for b, band in enumerate(BANDS):
+        ex = exposures[exposures.band == band].reset_index(drop=True)
+        imgs = [exposure_psf(e) for e in ex.itertuples()]
+        ccds, rows = _ccd_rows(ex, imgs, float(depth5_ivar(depth_mag[b])), brick, npix), [_psfex_row(e, i) for e, i in zip(ex.itertuples(), imgs)]
+        psf, rec = coadd_psf_from_ccds(ccds, rows, PSF_SIZE)
+        w = 1 / ccds.sig1.to_numpy(float)**2
+        out[band] = BandPSF(psf, rec['psfsize'], float(w.sum()), float(np.sum(w * ccds.psfnorm**2)), float(np.sum(w * ccds.galnorm**2)),
+                            coadd_gain(ccds, band), ccds, rows)
+    return out
 
 # %% ../nbs/06_mockrender.ipynb
 def component_extent(kind:str, p:dict)->float:
@@ -207,18 +251,7 @@ def dev_fiber_fraction(r_eff, q)->np.ndarray:
     "Fibre fraction of de Vaucouleurs galaxies (interpolated on a rendered grid; R_e 0.3-3\", q 0.3-1)."
     return _dev_fiber_table()(np.stack(np.broadcast_arrays(np.clip(r_eff, 0.3, 3.0), np.clip(q, 0.3, 1.0)), -1))
 
-@lru_cache(maxsize=1)
-def _galnea_table():
-    "NEA [pixels] of the 0.45\" round exponential (REX) convolved with the mock's PSF, on a psfsize grid."
-    ps = np.arange(0.5, 3.51, 0.1)
-    comp = [('sersic', dict(r_eff=GALDEPTH_REFF_ARCSEC, n=1.0, q=1.0, phi=0.0), [1.0])]
-    nea = [1 / np.sum((g := convolve(pixelise(comp, 0, 0, 24)[0], psf_kernel(p)) / 1.0)**2 / g.sum()**2) for p in ps]
-    return ps, np.array(nea)
 
-def galaxy_nea_pix(psfsize)->np.ndarray:
-    "NEA [pixels] DR10's GALDEPTH uses: 0.45\" round exponential galaxy, here convolved with the mock's PSF."
-    ps, nea = _galnea_table()
-    return np.interp(psfsize, ps, nea)
 
 # %% ../nbs/06_mockrender.ipynb
 SPIRAL_COLOURS = dict(arms=(-0.3, -0.2), bulge=(0.3, 0.2))  # (g-r, r-z) of arms and bulge relative to the disk [mag]
@@ -265,20 +298,25 @@ def _ss_for(r_eff:float)->int:
     return 5 if r_eff < 0.5 else 4 if r_eff < 1.2 else 3
 
 # %% ../nbs/06_mockrender.ipynb
-def render_object(row, flux, psfsize, sigma_pix, with_fiber:bool)->ObjectStamp:
-    "Stamp of one truth row with observed fluxes `flux` (3,), PSF psfsize (3,) [arcsec], pixel noise (3,) [nmgy]."
+def _psf_for(psfs:dict, faint:bool)->list:
+    "The bands' coadd PSFs, cut to their central (2 FAINT_PSF_HALF + 1)^2 pixels for a faint object."
+    c, h = PSF_SIZE // 2, FAINT_PSF_HALF
+    return [bp.psf[c - h:c + h + 1, c - h:c + h + 1] if faint else bp.psf for bp in psfs.values()]
+
+def render_object(row, flux, psfs:dict, with_fiber:bool)->ObjectStamp:
+    "Stamp of one truth row with observed fluxes `flux` (3,) through the brick's coadd PSFs (band -> BandPSF), the pixel integrated once."
     ix, dx = nearest_pixel(row.x); iy, dy = nearest_pixel(row.y)
+    kernels = _psf_for(psfs, float(np.max(flux)) < FAINT_NMGY); k = kernels[0].shape[0] // 2
     if row.sweep_type == 'PSF':
-        eps = moffat_truncation(flux.max(), sigma_pix.min(), psfsize.min())
-        ss, half = (4 if flux.max() < 1e3 else 2), kernel_radius_pix(psfsize.max(), eps) + 2
-        psf = render_point_source(flux, dx, dy, half, [psf_kernel(p, ss, eps) for p in psfsize], ss)
-        fib = render_point_source(flux[2:], dx, dy, half, [fiber_kernel(ss)], ss)[0] if with_fiber else None
+        half = k
+        psf = render_point_source(flux, dx, dy, kernels, 2 * half + 1)
+        fib = render_point_source(flux[2:], dx, dy, [gaussian_kernel(FIBER_SEEING_ARCSEC, PIX, size=2 * half + 1)], 2 * half + 1)[0] if with_fiber else None
     else:
         comps = object_components(row, flux)
-        half = int(np.clip(np.ceil(max(component_extent(k, p) for k, p, _ in comps) / PIX) + kernel_radius_pix(psfsize.max(), 5e-3) + 1, 4, 200))
-        intr = pixelise(comps, dx, dy, half, _ss_for(row.r_eff if row.r_eff > 0 else row.feat_width))
-        psf = np.stack([convolve(intr[b], psf_kernel(p)) for b, p in enumerate(psfsize)])
-        fib = convolve(intr[2], fiber_kernel()) if with_fiber else None
+        half = int(np.clip(np.ceil(max(component_extent(kd, pr) for kd, pr, _ in comps) / PIX) + k + 1, 4, 200))
+        mom = pixelise_moments(comps, dx, dy, half, _ss_for(row.r_eff if row.r_eff > 0 else row.feat_width))
+        psf = convolve_moments(mom, np.stack(kernels))                       # (3, n, n): one kernel per band
+        fib = convolve(mom[2, 0], fiber_kernel()) if with_fiber else None
     own = aperture_sum(fib, half, half, dx, dy) if with_fiber else 0.0
     return ObjectStamp(iy - half, ix - half, psf, flux, fib, own)
 
@@ -293,17 +331,14 @@ def transmission(ebv, band:str)->np.ndarray:
     return 10 ** (-0.4 * EXTINCTION_COEFFS[band.upper()] * np.asarray(ebv, float))
 
 # %% ../nbs/06_mockrender.ipynb
-def render_model(truth:pd.DataFrame, maps:BrickMaps, cond:BrickConditions)->tuple[np.ndarray, np.ndarray, dict]:
+def render_model(truth:pd.DataFrame, maps:BrickMaps, psfs:dict)->tuple[np.ndarray, np.ndarray, dict]:
     "Noise-free brick model (3, P, P), its z-band 1\"-seeing twin (P, P) and the stamps {truth row: ObjectStamp}."
     P = maps.ebv.shape[0]
     model, fiber, stamps = np.zeros((3, P, P)), np.zeros((P, P)), {}
-    sigma0 = 1 / np.sqrt(depth5_ivar(cond.depth_mag) * gaussian_nea_pix(cond.psfsize))
     for i, row in enumerate(truth.itertuples(index=False)):
         if row.cls == 'lensed_source': continue
-        ps = at_pixel(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, cond.psfsize)  # no coverage: the brick's value
-        iv = at_pixel(maps.invvar, row.x, row.y); sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1)), sigma0)
         T = np.array([transmission(at_pixel(maps.ebv, row.x, row.y), b) for b in BANDS])
-        o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, ps, sig, bool(row.catalogued))
+        o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, psfs, bool(row.catalogued))
         add_clipped(model, o.psf, o.y0, o.x0)
         if o.fiber is not None: add_clipped(fiber, o.fiber, o.y0, o.x0)
         stamps[i] = o
@@ -338,16 +373,17 @@ def _disc(maskbits:np.ndarray, x:float, y:float, radius_pix:float, bit:int):
     maskbits[y0:y1, x0:x1] |= np.where((xx - x) ** 2 + (yy - y) ** 2 <= radius_pix ** 2, np.int32(1 << bit), np.int32(0))
 
 # %% ../nbs/06_mockrender.ipynb
-def make_images(rng:np.random.Generator, model:np.ndarray, maps:BrickMaps, truth:pd.DataFrame, cfg:MockSkyConfig
+def make_images(rng:np.random.Generator, model:np.ndarray, maps:BrickMaps, truth:pd.DataFrame, cfg:MockSkyConfig, g_eff=None
                )->tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "(image, invvar, maskbits) of a brick: noise from invvar, bad regions, saturation, bright-star and NPRIMARY masks."
+    "(image, invvar, maskbits) of a brick: the objects' shot noise (gain g_eff (3,) [e-/nmgy]), sky noise from invvar, bad regions, saturation, masks."
     P, m = model.shape[-1], cfg.primary_margin_pix
     invvar, maskbits = maps.invvar.copy(), np.zeros((P, P), np.int32)
     for b, band in enumerate(BANDS):
         for y0, y1, x0, x1 in draw_bad_regions(rng, P, cfg.bad_regions_per_band):
             invvar[b, y0:y1, x0:x1] = 0; maskbits[y0:y1, x0:x1] |= 1 << MASKBITS[f'ALLMASK_{band.upper()}']
+    signal = add_shot_noise(model, g_eff, rng) if cfg.shot_noise and g_eff is not None else model    # as dhs.inject adds it to arcs
     noise = rng.standard_normal((3, P, P), dtype=np.float32) / np.sqrt(np.where(invvar > 0, invvar, 1))
-    image = np.where(invvar > 0, model + noise, 0).astype(np.float32)
+    image = np.where(invvar > 0, signal + noise, 0).astype(np.float32)
     for b, band in enumerate(BANDS):
         sat = image[b] > SATURATION_NMGY[band]
         image[b][sat] = SATURATION_NMGY[band]; maskbits[sat] |= 1 << MASKBITS[f'SATUR_{band.upper()}']
@@ -360,29 +396,28 @@ def make_images(rng:np.random.Generator, model:np.ndarray, maps:BrickMaps, truth
     return image, invvar.astype(np.float32), maskbits
 
 # %% ../nbs/06_mockrender.ipynb
-def render_lensed_source(row, psfsize, mw_transmission)->tuple[np.ndarray, int, int, object]:
+def render_lensed_source(row, psfs:dict, mw_transmission)->tuple[np.ndarray, int, int, object]:
     "Lensed-source stamp (3, N, N) [observed nmgy/pixel] of a `lensed_source` truth row, its brick corner (y0, x0), the RenderResult."
     from dhs.lensing import Lens
     from dhs.render import render_lensed_sersic
     (ix, dx), (iy, dy) = nearest_pixel(row.x), nearest_pixel(row.y)
-    n = max(48, 2 * int(np.ceil((row.theta_e + 4 * row.src_r_eff + 2.5 * max(psfsize)) / PIX)) + 2)
+    n = max(64, 2 * int(np.ceil((row.theta_e + 4 * row.src_r_eff) / PIX + PSF_SIZE // 2)) + 2)
     lens = Lens(row.theta_e, row.lens_q, row.lens_phi, row.gamma1, row.gamma2)
     flux = np.array([row.flux_g, row.flux_r, row.flux_z]) * mw_transmission
     res = render_lensed_sersic(row.src_r_eff, row.src_n, row.src_q, row.src_phi, row.src_x, row.src_y, lens, flux,
-                               moffat_fwhm_from_psfsize(np.asarray(psfsize)), stamp_size=n, pixscale=PIX, dx=dx, dy=dy,
-                               psf_kernels=[psf_kernel(p) for p in psfsize])  # the mock's true PSF (point-sampled Moffat)
+                               [bp.psfsize for bp in psfs.values()], stamp_size=n, pixscale=PIX, dx=dx, dy=dy,
+                               psf_kernels=[bp.psf for bp in psfs.values()])  # the brick's coadd PSF, as the injections get
     return res.stamp, iy - n // 2, ix - n // 2, res
 
 # %% ../nbs/06_mockrender.ipynb
-def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, cond:BrickConditions)->pd.DataFrame:
+def add_lensed_sources(truth:pd.DataFrame, model:np.ndarray, maps:BrickMaps, psfs:dict)->pd.DataFrame:
     "Render every `lensed_source` row into `model` (in place); returns the truth with lensed fluxes, magnification, multiplicity."
     t = truth.copy()
     for b in BANDS: t[f'lensed_flux_{b}'] = 0.0
     t['magnification'], t['multiplicity'] = np.nan, 0
     for i in np.flatnonzero(t.cls == 'lensed_source'):
         row = t.iloc[i]
-        ps = at_pixel(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, cond.psfsize)
-        stamp, y0, x0, res = render_lensed_source(row, ps, np.array([transmission(at_pixel(maps.ebv, row.x, row.y), b) for b in BANDS]))
+        stamp, y0, x0, res = render_lensed_source(row, psfs, np.array([transmission(at_pixel(maps.ebv, row.x, row.y), b) for b in BANDS]))
         add_clipped(model, stamp, y0, x0)
         for b, band in enumerate(BANDS): t.loc[t.index[i], f'lensed_flux_{band}'] = float(stamp[b].sum())
         t.loc[t.index[i], ['magnification', 'multiplicity']] = res.magnification, res.multiplicity

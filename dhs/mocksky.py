@@ -13,11 +13,9 @@ import pandas as pd
 from .core import task_rng, write_json, config_dict, provenance
 from . import survey
 from .survey import BANDS, brick_wcs
-from .psf import gaussian_nea_pix
-from .survey import depth5_ivar
 from .parent import desi_lrg_south
-from .mockpop import (CONTAMINANT_KINDS, BrickConditions, BrickMaps, draw_conditions, draw_maps, draw_brick_objects)
-from .mockrender import at_pixel, add_clipped, transmission, render_object, render_model, render_lensed_source, add_lensed_sources, make_images
+from .mockpop import (CONTAMINANT_KINDS, BrickConditions, BrickMaps, draw_conditions, draw_exposures, draw_maps, draw_brick_objects)
+from .mockrender import brick_psfs, at_pixel, add_clipped, transmission, render_object, render_model, render_lensed_source, add_lensed_sources, make_images
 from .mockfiles import (annotate_truth, sweep_table, write_brick, brick_complete, gather_mock_sky, write_parquet_meta)
 
 # %% auto 0
@@ -56,7 +54,13 @@ class MockSkyConfig:
     lens_dmag_max:float = 3.5
     psfsize_r_median:float = 1.30       # r-band psfsize median [arcsec] (DR10 south ~1.3")
     psfsize_r_sigma_ln:float = 0.15     # its log-normal scatter
-    psf_variation:float = 0.03          # peak fractional psfsize variation across a brick
+    exposure_psf_scatter_ln:float = 0.08  # log-normal scatter of an exposure's PSF FWHM about the brick's
+    psf_beta_range:tuple = (2.5, 4.5)   # Moffat index of an exposure's PSF core (uniform)
+    psf_e_max:float = 0.08              # largest ellipticity of an exposure's PSF core (uniform in [0, max])
+    psf_wing_frac:tuple = (0.005, 0.03) # flux fraction of the faint wide wing (uniform)
+    psf_wing_fwhm_arcsec:tuple = (3.0, 5.0)  # FWHM of the wing (uniform) [arcsec]
+    exptime_s:tuple = (60.0, 200.0)     # exposure times (uniform) [s]
+    shot_noise:bool = True              # objects' Poisson noise (gain from the exposures), like the injections'
     depth_variation:float = 0.05        # peak fractional invvar variation across a brick
     full_bricks_table:bool = False      # write all 662,174 DR10 bricks (else only the mock's bricks)
 
@@ -129,7 +133,7 @@ def plan_bricks(cfg:MockSkyConfig, bricks:pd.DataFrame|None=None, lenses:pd.Data
 
 # %% ../nbs/05_mocksky.ipynb
 HASH_EXCLUDED = ('out', 'n_workers', 'n_bricks', 'n_lenses', 'full_bricks_table', 'ra_ranges', 'dec_min', 'dec_max')  # no effect on a brick's pixels
-MOCK_SKY_VERSION = 1  # bump when a code change alters what a brick holds: complete bricks of older versions are re-rendered
+MOCK_SKY_VERSION = 2  # bump when a code change alters what a brick holds: complete bricks of older versions are re-rendered
 
 def brick_hash(cfg:MockSkyConfig, brick:dict)->str:
     "Hash of the mock-sky version, configuration and brick plan row that determine a brick's content."
@@ -144,36 +148,37 @@ class SimulatedBrick:
     brick:dict; wcs:object; cond:BrickConditions; maps:BrickMaps
     image:np.ndarray; invvar:np.ndarray; maskbits:np.ndarray; model:np.ndarray
     truth:pd.DataFrame; sweep:pd.DataFrame
+    exposures:pd.DataFrame = None   # the exposures of its coadds (dhs.mockpop.EXPOSURE_COLUMNS)
+    psfs:dict = None                # band -> dhs.mockrender.BandPSF: the coadd PSF the whole brick is rendered with
 
 def simulate_brick(cfg:MockSkyConfig, brick:dict)->SimulatedBrick:
-    "Simulate one brick (plan row `brick`) from its own seed: conditions, objects, images, truth and sweep rows."
+    "Simulate one brick (plan row `brick`) from its own seed: conditions, exposures and PSFs, objects, images, truth and sweep rows."
     rng, npix = task_rng(brick['BRICKNAME'], cfg.salt), int(brick['npix'])
     wcs = brick_wcs(brick['RA'], brick['DEC'], npix)
-    cond = draw_conditions(rng, cfg); maps = draw_maps(rng, cond, npix, cfg)
+    cond = draw_conditions(rng, cfg)
+    exposures = draw_exposures(rng, cond, brick['BRICKNAME'], cfg, npix)
+    psfs = brick_psfs(exposures, cond.depth_mag, brick, npix)
+    maps = draw_maps(rng, [bp.psfsize for bp in psfs.values()], [bp.invvar for bp in psfs.values()], cond.ebv, npix, cfg)
     truth = draw_brick_objects(rng, cfg, brick, wcs, maps)
-    model, fiber, stamps = render_model(truth, maps, cond)
-    truth = add_lensed_sources(annotate_truth(truth, maps, stamps, fiber), model, maps, cond)
-    image, invvar, maskbits = make_images(rng, model, maps, truth, cfg)
-    sweep = sweep_table(truth, stamps, image, invvar, maskbits, model, maps, cond, brick, rng)
+    model, fiber, stamps = render_model(truth, maps, psfs)
+    truth = add_lensed_sources(annotate_truth(truth, maps, stamps, fiber), model, maps, psfs)
+    image, invvar, maskbits = make_images(rng, model, maps, truth, cfg, np.array([bp.g_eff for bp in psfs.values()]))
+    sweep = sweep_table(truth, stamps, image, invvar, maskbits, model, maps, cond, brick, rng, psfs)
     tz = sweep.MW_TRANSMISSION_Z
     truth['lrg_cut_pass_sweep'] = False
     truth.loc[sweep.index, 'lrg_cut_pass_sweep'] = desi_lrg_south(*(sweep[c] / sweep[f'MW_TRANSMISSION_{c.split("_")[-1]}'] for c in ('FLUX_G', 'FLUX_R', 'FLUX_Z', 'FLUX_W1')),
                                                                    sweep.FIBERFLUX_Z / tz, sweep.FIBERTOTFLUX_Z / tz, sweep.GAIA_PHOT_G_MEAN_MAG)
-    return SimulatedBrick(brick, wcs, cond, maps, image, invvar, maskbits, model, truth, sweep)
+    return SimulatedBrick(brick, wcs, cond, maps, image, invvar, maskbits, model, truth, sweep, exposures, psfs)
 
 # %% ../nbs/05_mocksky.ipynb
 def object_model(sim:SimulatedBrick, i:int)->np.ndarray:
     "Noise-free (3, P, P) image [observed nmgy/pixel] of truth row `i` of a simulated brick, exactly as rendered into it."
     row, maps, P = sim.truth.iloc[i], sim.maps, sim.image.shape[-1]
-    ps = at_pixel(maps.psfsize, row.x, row.y); ps = np.where(ps > 0, ps, sim.cond.psfsize)
     T = np.array([transmission(at_pixel(maps.ebv, row.x, row.y), b) for b in BANDS])
     out = np.zeros((3, P, P))
-    if row.cls == 'lensed_source':
-        stamp, y0, x0, _ = render_lensed_source(row, ps, T)
+    if row.cls == 'lensed_source': stamp, y0, x0, _ = render_lensed_source(row, sim.psfs, T)
     else:
-        iv = at_pixel(maps.invvar, row.x, row.y)
-        sig = np.where(iv > 0, 1 / np.sqrt(np.where(iv > 0, iv, 1)), 1 / np.sqrt(depth5_ivar(sim.cond.depth_mag) * gaussian_nea_pix(sim.cond.psfsize)))
-        o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, ps, sig, False); stamp, y0, x0 = o.psf, o.y0, o.x0
+        o = render_object(row, np.array([row.flux_g, row.flux_r, row.flux_z]) * T, sim.psfs, False); stamp, y0, x0 = o.psf, o.y0, o.x0
     add_clipped(out, stamp, y0, x0)
     return out
 

@@ -14,7 +14,7 @@ from .lensing import Lens, check_lens, ray_core
 from .fastmath import lens_table, sie_shear_ray, sie_shear_ray_f32, exp_f32, log_f32, TINY_F32, JIT, INLINE
 from .sources import Source, SersicSource
 from scipy.special import erf
-from .psf import gaussian_kernel, moffat_kernel, convolve, FWHM_PER_SIGMA, MOMENTS, uniform_moments, convolve_moments
+from .psf import gaussian_kernel, moffat_kernel, FWHM_PER_SIGMA, MOMENTS, uniform_moments, convolve_moments
 
 # %% auto 0
 __all__ = ['pixel_centres', 'band_kernels', 'RenderResult', 'render_lensed_batch', 'render_lensed', 'render_lensed_sersic',

@@ -25,9 +25,9 @@ __all__ = ['PIXSCALE_ARCSEC', 'BRICK_PIXELS', 'BANDS', 'AB_ZP', 'COADD_KINDS_PER
            'make_bricks_table', 'write_bricks', 'read_fits_table', 'read_bricks', 'bricks_for_positions',
            'brick_for_position', 'maskbits_value', 'bad_pixel_mask', 'brick_wcs', 'write_coadd', 'read_coadd',
            'write_brick_coadds', 'ccds_relpath', 'copsf_relpath', 'psfex_relpath', 'write_ccds', 'read_ccds',
-           'write_psfex', 'read_psfex', 'write_copsf', 'read_copsf', 'psfex_ccd_image', 'coadd_psf_of_brick',
-           'empty_sweep', 'to_sweep_array', 'write_sweep', 'read_sweep', 'Cutout', 'nearest_pixel', 'stamp_slice',
-           'StampOffBrickError', 'BrickImages', 'cut_stamp']
+           'write_psfex', 'read_psfex', 'write_copsf', 'read_copsf', 'psfex_ccd_image', 'coadd_psf_from_ccds',
+           'band_ccds', 'coadd_psf_of_brick', 'coadd_gain', 'empty_sweep', 'to_sweep_array', 'write_sweep',
+           'read_sweep', 'Cutout', 'nearest_pixel', 'stamp_slice', 'StampOffBrickError', 'BrickImages', 'cut_stamp']
 
 # %% ../nbs/01_survey.ipynb
 PIXSCALE_ARCSEC = 0.262    # coadd pixel scale [arcsec/pixel]
@@ -467,17 +467,32 @@ def psfex_ccd_image(row:dict, ccd:pd.Series|dict, size:int=63, pixscale_ratio:fl
     img = psfex_image(row['psf_mask'], row['poldeg1'], x, y, (row['polzero1'], row['polzero2']), (row['polscal1'], row['polscal2']))
     return resample_psf(img, float(row['psf_samp']) * pixscale_ratio, size)
 
+def coadd_psf_from_ccds(ccds:pd.DataFrame, psfex_rows:list, size:int=63)->tuple[np.ndarray, dict]:
+    "The coadd PSF (size x size, sum 1) of CCDs (ccds-table rows of one band) and their PSFEx rows, and a record (legacypipe's copsf)."
+    imgs = [psfex_ccd_image(r, c, size) for r, (_, c) in zip(psfex_rows, ccds.iterrows())]
+    sig1 = ccds['sig1'].to_numpy(float)
+    psf = recentre_psf(coadd_psf(imgs, 1 / sig1**2))
+    return psf, dict(n_ccds=len(ccds), psfsize=psfsize_from_psfnorm([psfnorm(i) for i in imgs], sig1), fwhm=fwhm_of_image(psf),
+                     expnums=ccds['expnum'].astype(int).tolist())
+
+def band_ccds(ccds:pd.DataFrame, band:str)->pd.DataFrame:
+    "The rows of a ccds table in one band."
+    return ccds[ccds['filter'].astype(str).str.strip() == band]
+
 def coadd_psf_of_brick(base:str|Path, brick:str, band:str, size:int=63, ccds:pd.DataFrame|None=None)->tuple[np.ndarray, dict]:
     "The coadd PSF (size x size, sum 1) of a brick and band from its ccds table and PSFEx files under `base`, and a record."
     base = Path(base)
-    ccds = read_ccds(base/ccds_relpath(brick)) if ccds is None else ccds
-    sel = ccds[ccds['filter'].astype(str).str.strip() == band]
+    sel = band_ccds(read_ccds(base/ccds_relpath(brick)) if ccds is None else ccds, band)
     if not len(sel): raise SurveyFileError(f'brick {brick}: no {band}-band CCD in {base/ccds_relpath(brick)}; no coadd PSF for this band')
-    imgs = [psfex_ccd_image(read_psfex(base/psfex_relpath(c['image_filename']), c['expnum'], c['ccdname']), c, size) for _, c in sel.iterrows()]
-    w = 1 / sel['sig1'].to_numpy(float) ** 2
-    psf = recentre_psf(coadd_psf(imgs, w))
-    return psf, dict(n_ccds=len(sel), psfsize=psfsize_from_psfnorm([psfnorm(i) for i in imgs], sel['sig1'].to_numpy(float)),
-                     fwhm=fwhm_of_image(psf), expnums=sel['expnum'].astype(int).tolist())
+    rows = [read_psfex(base/psfex_relpath(c['image_filename']), c['expnum'], c['ccdname']) for _, c in sel.iterrows()]
+    return coadd_psf_from_ccds(sel, rows, size)
+
+def coadd_gain(ccds:pd.DataFrame, band:str)->float:
+    "Electrons per nanomaggy of a band's coadd (NaN without CCDs): the 1/sig1^2-weighted mean of exposures with gains exptime x 10^(0.4 (ccdzpt - 22.5))."
+    sel = band_ccds(ccds, band)
+    if not len(sel): return float('nan')
+    w, g = 1 / sel['sig1'].to_numpy(float)**2, sel['exptime'].to_numpy(float) * 10 ** (0.4 * (sel['ccdzpt'].to_numpy(float) - AB_ZP))
+    return float(w.sum()**2 / np.sum(w**2 / g))
 
 # %% ../nbs/01_survey.ipynb
 TRACTOR_TYPES = ('PSF', 'REX', 'DEV', 'EXP', 'SER', 'DUP')  # Tractor morphological types in TYPE

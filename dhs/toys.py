@@ -370,8 +370,8 @@ def mock_brick_case():
     from types import SimpleNamespace
     from dhs import survey
     from dhs.mocksky import MockSkyConfig, lenscat_lenses, choose_lenses
-    from dhs.mockpop import draw_conditions, draw_maps, draw_brick_objects, draw_lrg_hosts, TRUTH_DEFAULTS
-    from dhs.mockrender import render_model, make_images
+    from dhs.mockpop import draw_conditions, draw_exposures, draw_maps, draw_brick_objects, draw_lrg_hosts, TRUTH_DEFAULTS
+    from dhs.mockrender import brick_psfs, render_model, make_images
     k = SimpleNamespace(cfg=MockSkyConfig(), bricks_all=survey.make_bricks_table())
     k.cond, k.lrg = draw_conditions(np.random.default_rng(3), k.cfg), draw_lrg_hosts(np.random.default_rng(5), 400)
     k.chosen = choose_lenses(lenscat_lenses()[0], k.bricks_all, 5)
@@ -379,10 +379,14 @@ def mock_brick_case():
     k.brick_t = dict(k.bricks_all.set_index('BRICKNAME').loc[l0.brickname, ['RA', 'DEC']], BRICKNAME=l0.brickname, npix=280,
                      lens_name=l0['name'], lens_ra=l0.ra, lens_dec=l0.dec)
     k.cfg_t = MockSkyConfig(rate_ring=0.5, rate_companion=0.5, lrg_per_arcmin2=30.0)
+    k.exposures = draw_exposures(np.random.default_rng(6), k.cond, k.brick_t['BRICKNAME'], k.cfg_t, 280)
+    k.psfs = brick_psfs(k.exposures, k.cond.depth_mag, k.brick_t, 280)
+    ps, iv = [bp.psfsize for bp in k.psfs.values()], [bp.invvar for bp in k.psfs.values()]
     wcs = survey.brick_wcs(k.brick_t['RA'], k.brick_t['DEC'], 280)
-    k.tt = draw_brick_objects(np.random.default_rng(12), k.cfg_t, k.brick_t, wcs, draw_maps(np.random.default_rng(4), k.cond, 280, k.cfg_t))
-    k.tt_maps = draw_maps(np.random.default_rng(4), k.cond, 280, k.cfg_t)
-    k.model_t, k.fiber_t, k.stamps_t = render_model(k.tt, k.tt_maps, k.cond)
+    k.tt = draw_brick_objects(np.random.default_rng(12), k.cfg_t, k.brick_t, wcs, draw_maps(np.random.default_rng(4), ps, iv, k.cond.ebv, 280, k.cfg_t))
+    k.tt_maps = draw_maps(np.random.default_rng(4), ps, iv, k.cond.ebv, 280, k.cfg_t)
+    k.model_t, k.fiber_t, k.stamps_t = render_model(k.tt, k.tt_maps, k.psfs)
     tb = k.tt.copy(); tb.loc[len(tb)] = dict(TRUTH_DEFAULTS, cls='bright_star', x=140.0, y=140.0, gaia_g=11.0, sweep_type='PSF')
-    k.img_t, k.iv_t, k.mb_t = make_images(np.random.default_rng(14), k.model_t, k.tt_maps, tb, MockSkyConfig(bad_regions_per_band=3.0))
+    k.img_t, k.iv_t, k.mb_t = make_images(np.random.default_rng(14), k.model_t, k.tt_maps, tb, MockSkyConfig(bad_regions_per_band=3.0),
+                                          np.array([bp.g_eff for bp in k.psfs.values()]))
     return k
