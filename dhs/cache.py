@@ -15,15 +15,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import atomic_path, is_local, local_path, provenance, uri_join
-from .survey import SurveyFileError, brick_coadd_relpaths, check_fits_file
+from .survey import copsf_relpath, ccds_relpath, psfex_relpath, read_ccds, band_ccds, coadd_psf_of_brick, write_copsf, SurveyFileError, brick_coadd_relpaths, check_fits_file
 
 log = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'STALE_TEMP_S', 'BRICKNAME_RE', 'CacheConfig', 'IncompleteFileError',
            'CacheWriteError', 'check_coadd_file', 'classify_error', 'FetchError', 'with_retries', 'open_fs',
-           'cached_complete', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'CacheReport',
-           'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks', 'manifest_bricks', 'main']
+           'cached_complete', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'cache_brick_psf',
+           'CacheReport', 'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks', 'manifest_bricks',
+           'main']
 
 # %% ../nbs/22_cache.ipynb
 VERIFY_MODES = ('size+fits', 'size+header', 'size')  # what makes a copy complete (see `check_coadd_file`)
@@ -42,6 +43,8 @@ class CacheConfig:
     fail_fraction:float = 0.0        # largest tolerated fraction of requested files failing (404s excluded); beyond it the run stops
     storage_options:dict = field(default_factory=dict)        # fsspec options of the source, e.g. {'endpoint_url': ..., 'anon': True}
     cache_storage_options:dict = field(default_factory=dict)  # fsspec options of the cache when it is remote (s3)
+    psf:bool = True                  # also the coadd PSF per band: copied, or built from the ccds table and PSFEx files
+    psf_size:int = 63                # side of a built coadd PSF [pixels] (odd)
 
     def __post_init__(self):
         self.bands = tuple(self.bands)
@@ -188,7 +191,7 @@ def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:s
 
 # %% ../nbs/22_cache.ipynb
 REPORT_COLUMNS = ('brickname', 'relpath', 'status', 'size_bytes', 'bytes_copied', 'attempts', 'seconds', 'error')
-# status: copied / skipped / missing / failed / cancelled; size_bytes: at the source (-1: not known); attempts: tries of the
+# status: copied / skipped / built (a coadd PSF made here) / missing / absent (an optional PSF input the survey lacks) / failed / cancelled; size_bytes: at the source (-1: not known); attempts: tries of the
 # source size plus tries of the copy; seconds: time spent on the file [s]; error: why a file failed or is missing
 
 def _rows(brick:str, bands, status:str='', error:str='')->list[dict]:
@@ -256,7 +259,57 @@ def cache_brick(brick:str, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget
         if row['status']: continue
         if budget.stop.is_set(): row.update(status='cancelled', error='the run stopped before this file'); continue
         _fetch_row(row, src_fs, dst_fs, cfg, budget)
+    if cfg.psf and not budget.stop.is_set() and all(r['status'] in ('copied', 'skipped') for r in rows): rows += cache_brick_psf(brick, src_fs, dst_fs, cfg, budget)
     return rows
+
+# %% ../nbs/22_cache.ipynb
+def _psf_row(brick:str, rel:str, status:str='', error:str='')->dict:
+    return dict(brickname=brick, relpath=rel, status=status, size_bytes=-1, bytes_copied=0, attempts=0, seconds=0.0, error=error)
+
+def _fetch_optional(row:dict, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget)->None:
+    "Fetch one optional file; a file absent at the source makes the row `absent` (no failure)."
+    _fetch_row(row, src_fs, dst_fs, cfg, budget)
+    if row['status'] == 'missing': row['status'] = 'absent'
+
+@contextmanager
+def _local_cache_root(cfg:CacheConfig, dst_fs, rels:list):
+    "A local folder holding the cached files `rels` (the cache itself when local; else a temporary copy)."
+    if is_local(cfg.cache_uri): yield local_path(cfg.cache_uri); return
+    with tempfile.TemporaryDirectory(prefix='dhs-psf-') as d:
+        for rel in rels: (Path(d)/rel).parent.mkdir(parents=True, exist_ok=True); dst_fs.get_file(uri_join(cfg.cache_uri, rel), str(Path(d)/rel))
+        yield Path(d)
+
+# %% ../nbs/22_cache.ipynb
+def _build_copsf(brick:str, cfg:CacheConfig, dst_fs, rels:list)->list[dict]:
+    "Build and store the coadd PSF of every band from cached PSF inputs `rels` (ccds table first); one row per band."
+    rows = []
+    with _local_cache_root(cfg, dst_fs, rels) as root:
+        for band in cfg.bands:
+            row, t0 = _psf_row(brick, copsf_relpath(brick, band)), time.monotonic()
+            try:
+                psf, rec = coadd_psf_of_brick(root, brick, band, cfg.psf_size)
+                with _local_temp() as tmp:
+                    write_copsf(tmp, psf, brick, band, nccd=rec['n_ccds'], psfsize=rec['psfsize'], fwhm=rec['fwhm'])
+                    copy_file(fsspec.filesystem('file'), tmp, dst_fs, uri_join(cfg.cache_uri, row['relpath']), None, cfg.verify)
+                row.update(status='built', bytes_copied=0)
+            except SurveyFileError as e: row.update(status='absent', error=str(e))
+            row['seconds'] = time.monotonic() - t0; rows.append(row)
+    return rows
+
+def cache_brick_psf(brick:str, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget)->list[dict]:
+    "The coadd PSF files of a brick in the cache: found there, copied from the survey, or built from its ccds table and PSFEx files."
+    cop = [_psf_row(brick, copsf_relpath(brick, b)) for b in cfg.bands]
+    for row in cop: _fetch_optional(row, src_fs, dst_fs, cfg, budget)
+    if all(r['status'] in ('copied', 'skipped') for r in cop): return cop
+    ccds = _psf_row(brick, ccds_relpath(brick)); _fetch_optional(ccds, src_fs, dst_fs, cfg, budget)
+    if ccds['status'] not in ('copied', 'skipped'):
+        return [ccds] + [dict(r, status='absent', error=f'no ccds table ({ccds["error"] or ccds["status"]}): the coadd PSF cannot be built') for r in cop]
+    with _local_cache_root(cfg, dst_fs, [ccds['relpath']]) as root: table = read_ccds(root/ccds['relpath'])
+    rels = sorted({psfex_relpath(f) for f in table[table['filter'].astype(str).str.strip().isin(cfg.bands)].image_filename})
+    exp = [_psf_row(brick, rel) for rel in rels]
+    for row in exp: _fetch_optional(row, src_fs, dst_fs, cfg, budget)
+    have = [r['relpath'] for r in exp if r['status'] in ('copied', 'skipped')]
+    return [ccds] + exp + _build_copsf(brick, cfg, dst_fs, [ccds['relpath']] + have)
 
 # %% ../nbs/22_cache.ipynb
 @dataclass
@@ -281,7 +334,7 @@ class CacheReport:
         "Totals of the run, JSON-ready."
         n_bytes = int(self.files['bytes_copied'].sum())
         return dict(bricks=int(self.files['brickname'].nunique()), files=len(self.files),
-                    **{s: self.count(s) for s in ('copied', 'skipped', 'missing', 'failed', 'cancelled')},
+                    **{s: self.count(s) for s in ('copied', 'skipped', 'built', 'missing', 'absent', 'failed', 'cancelled')},
                     missing_bricks=len(self.missing_bricks), bytes_copied=n_bytes, seconds=round(self.seconds, 3),
                     mb_per_s=round(n_bytes / 1e6 / max(self.seconds, 1e-9), 3), cache_uri=self.config.cache_uri)
 

@@ -159,7 +159,7 @@ def flaky_plan(method: str, rel: str) -> list:
 def test_http_cache_survives_faults_and_missing_bricks(sky, serve, tmp_path):
     server = serve(sky, flaky_plan)
     cache = tmp_path / 'cache'
-    cfg = CacheConfig(base_uri=server.url, cache_uri=str(cache), n_threads=4, max_retries=4, backoff_s=0.01, timeout_s=0.5)
+    cfg = CacheConfig(psf=False, base_uri=server.url, cache_uri=str(cache), n_threads=4, max_retries=4, backoff_s=0.01, timeout_s=0.5)
     bricks = [ABSENT] + PRESENT[:3] + [PARTIAL] + PRESENT[3:]
     t0 = time.perf_counter()
     rep = cache_bricks(bricks, cfg)
@@ -200,7 +200,7 @@ def test_http_fail_fraction(sky, serve, tmp_path):
     cut = set(sorted(broken)[:2])  # these always drop the connection half way, the other two always answer 500
     server = serve(sky, lambda method, rel: ([] if method != 'GET' or rel not in broken else ['cut'] * 100 if rel in cut else ['500'] * 100))
     cache = tmp_path / 'cache'
-    cfg = CacheConfig(base_uri=server.url, cache_uri=str(cache), n_threads=2, max_retries=2, backoff_s=0.01, fail_fraction=0.1)
+    cfg = CacheConfig(psf=False, base_uri=server.url, cache_uri=str(cache), n_threads=2, max_retries=2, backoff_s=0.01, fail_fraction=0.1)
     with pytest.raises(CacheError) as err:
         cache_bricks(PRESENT[:2], cfg)  # 4 of 20 files fail: more than 10%
     msg = str(err.value)
@@ -260,7 +260,7 @@ def s3(sky):
 
 def test_s3_to_local(sky, s3, tmp_path):
     cache = tmp_path / 'cache'
-    cfg = CacheConfig(base_uri='s3://dhs-sky/dr10', cache_uri=str(cache), n_threads=4, backoff_s=0.01, verify='size+header',
+    cfg = CacheConfig(psf=False, base_uri='s3://dhs-sky/dr10', cache_uri=str(cache), n_threads=4, backoff_s=0.01, verify='size+header',
                       storage_options=s3['options'])
     rep = cache_bricks(PRESENT[:3] + [ABSENT, PARTIAL], cfg)
     assert (rep.count('copied'), rep.count('missing'), rep.count('failed')) == (30, 20, 0)
@@ -277,7 +277,7 @@ def test_s3_to_local(sky, s3, tmp_path):
 @pytest.mark.parametrize('verify', ['size', 'size+fits'])
 def test_local_to_s3(sky, s3, verify):
     client, prefix = s3['client'], f'cache-{verify.replace("+", "-")}'
-    cfg = CacheConfig(base_uri=str(sky), cache_uri=f's3://dhs-cache/{prefix}', n_threads=4, backoff_s=0.01,
+    cfg = CacheConfig(psf=False, base_uri=str(sky), cache_uri=f's3://dhs-cache/{prefix}', n_threads=4, backoff_s=0.01,
                       verify=verify, cache_storage_options=s3['options'])
     rep = cache_bricks(PRESENT[:2] + [ABSENT], cfg)
     assert (rep.count('copied'), rep.count('missing')) == (20, 10)
@@ -294,6 +294,6 @@ def test_local_to_s3(sky, s3, verify):
 
 
 def test_local_to_missing_bucket_fails_clearly(sky, s3):
-    cfg = CacheConfig(base_uri=str(sky), cache_uri='s3://no-such-bucket/cache', backoff_s=0.01, cache_storage_options=s3['options'])
+    cfg = CacheConfig(psf=False, base_uri=str(sky), cache_uri='s3://no-such-bucket/cache', backoff_s=0.01, cache_storage_options=s3['options'])
     with pytest.raises(CacheError, match=r'cannot write s3://no-such-bucket/cache/south/.*\(does the bucket exist\?\)'):
         cache_bricks(PRESENT[:1], cfg)
