@@ -17,18 +17,19 @@ from .core import is_local, local_path, provenance, read_parquet, seed_from_int6
 from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, StampOffBrickError, SurveyFileError,
                         bad_pixel_mask, maskbits_value)
 from .lensing import Lens, check_lens, image_positions, stretch
-from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed
+from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed, band_kernels
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
 from .templates import TemplateBank, TemplateSource, hdf_template_bank
-from .psf import moffat_fwhm_from_psfsize
+from .psf import moffat_fwhm_from_psfsize, fwhm_of_image
 from .stamps import encode_npz, encode_stamps, write_stamp_table
+from .survey import copsf_relpath, ccds_relpath, read_copsf, read_ccds, band_ccds, coadd_gain
 
 # %% auto 0
-__all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS', 'CONSTANT_COLUMNS',
-           'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task', 'template_bank_id',
-           'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task', 'mask_fractions',
-           'lens_metrics', 'inject_task', 'stamp_table', 'brick_groups', 'group_file', 'run_group',
-           'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
+__all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'PSF_MODELS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS',
+           'CONSTANT_COLUMNS', 'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task',
+           'template_bank_id', 'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task',
+           'mask_fractions', 'lens_metrics', 'brick_psf_inputs', 'inject_task', 'stamp_table', 'brick_groups',
+           'group_file', 'run_group', 'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
 DECAM_G_EFF = (6000.0, 8000.0, 5000.0)  # electrons per nanomaggy of a DR10 coadd (g, r, z), order of magnitude:
@@ -40,12 +41,12 @@ class InjectConfig:
     cache_uri:str = 'outputs/cache'        # coadd root laid out like DR10 (<cache>/south/coadd/...), local
     out_uri:str = 'outputs/stamps'         # output folder: stamps/part-*.parquet, summary, failure report
     stamp_size:int = 64                    # stamp side [pixels]
-    psf_model:str = 'gaussian'             # gaussian (FWHM = psfsize) | moffat (beta 3.5, FWHM = 0.811 psfsize)
+    psf_model:str = 'survey'               # survey (the brick's coadd PSF, from phase 4b) | gaussian (FWHM = psfsize) | moffat (beta 3.5, FWHM = 0.811 psfsize)
     moffat_beta:float = 3.5                # Moffat power index
     supersample:int|None = None            # renderer rays per pixel and axis; None: its adaptive sampling
     render_tol:float = 1e-3                # adaptive sampling: error per pixel relative to the arc's peak
-    shot_noise:bool = False                # add the arc's Poisson noise, variance inj / g_eff
-    g_eff:tuple = DECAM_G_EFF              # electrons per nanomaggy per band (g, r, z)
+    shot_noise:bool = True                 # add the arc's Poisson noise, variance inj / g_eff (the sky's objects carry it too)
+    g_eff:tuple = DECAM_G_EFF              # electrons per nanomaggy per band (g, r, z) where the brick's ccds table does not give them
     encoding:str = 'fast'                  # fast (`stamp` only) | npz (also the seed's gzip-NPZ `stamp_npz`)
     write_masks:bool = False               # also write `invvar` (float32) and `maskbits` (int32) stamps
     template_bank:str = 'hdf'              # 'hdf' (built-in bank) or the path of a TemplateBank .npz
@@ -96,22 +97,28 @@ def task_source(task:dict, bank_name:str='hdf'):
     raise ValueError(f"task {task['task_id']}: unknown source_kind {kind!r}; expected sersic, clumpy or template")
 
 # %% ../nbs/24_inject.ipynb
+PSF_MODELS = ('survey', 'gaussian', 'moffat')   # survey: the brick's coadd PSF; else a model of psfsize (Moffat where the survey PSF is missing)
+
 def psf_for_task(stamp_psfsize,   # (3,) psfsize map at the stamp centre [arcsec] (0: no coverage)
                  task:dict,       # manifest row with the host's sweep psfsize_<band>
-                 psf_model:str='gaussian', bands=BANDS)->dict:
-    "psfsize used, FWHM of the model used, and where each band's value came from."
-    used, source = [], []
+                 psf_model:str='survey',
+                 survey_psfs:dict|None=None, # band -> the brick's coadd PSF image (phase 4b), or None where it has none
+                 bands=BANDS)->dict:
+    "psfsize, PSF FWHM and kernel (None: the model of the FWHM) per band, and where each came from: copsf (survey PSF), coadd or sweep (psfsize)."
+    if psf_model not in PSF_MODELS: raise ValueError(f"psf_model must be one of {PSF_MODELS}, got {psf_model!r}")
+    used, source, fwhm, kernels = [], [], [], []
     for b, v in zip(bands, np.asarray(stamp_psfsize, float)):
-        if np.isfinite(v) and v > 0: used.append(float(v)); source.append('coadd')
+        if np.isfinite(v) and v > 0: src = 'coadd'
         else:
-            v = task.get(f'psfsize_{b}')
-            v = float('nan') if v is None else float(v)
+            v = task.get(f'psfsize_{b}'); v = float('nan') if v is None else float(v); src = 'sweep'
             if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"no PSF for band {b}: the coadd psfsize is 0 at the stamp centre and the sweep PSFSIZE_{b.upper()} is {v}")
-            used.append(v); source.append('sweep')
-    if psf_model not in ('gaussian', 'moffat'): raise ValueError(f"psf_model must be 'gaussian' or 'moffat', got {psf_model!r}")
-    fwhm = [moffat_fwhm_from_psfsize(v) if psf_model == 'moffat' else v for v in used]
-    return dict(psfsize=np.array(used), fwhm=np.array(fwhm), source=source, fallback='sweep' in source)
+        k = (survey_psfs or {}).get(b) if psf_model == 'survey' else None
+        used.append(float(v)); kernels.append(k)
+        source.append('copsf' if k is not None else src)
+        fwhm.append(fwhm_of_image(k) if k is not None else moffat_fwhm_from_psfsize(v) if psf_model in ('moffat', 'survey') else float(v))
+    fallback = any(s == 'sweep' for s in source) or (psf_model == 'survey' and any(s != 'copsf' for s in source))
+    return dict(psfsize=np.array(used), fwhm=np.array(fwhm), kernels=kernels, source=source, fallback=fallback)
 
 # %% ../nbs/24_inject.ipynb
 def task_lens(task:dict)->Lens:
@@ -126,12 +133,16 @@ def injected_band_fluxes(task:dict, bands=BANDS)->np.ndarray:
 
 # %% ../nbs/24_inject.ipynb
 def render_task(task:dict, dx:float, dy:float, # host offset from pixel (N//2, N//2) [pixels]
-                psf_fwhm_arcsec,               # (3,) PSF FWHM per band [arcsec]
+                psf:dict,                      # `psf_for_task`: FWHMs (3,) [arcsec] and the kernels (None: a model of the FWHM)
                 cfg:InjectConfig):
-    "`dhs.render.render_lensed` of a task's source and lens on its stamp grid (a `RenderResult`)."
-    return render_lensed(task_source(task, cfg.template_bank), task_lens(task), injected_band_fluxes(task), psf_fwhm_arcsec,
-                         cfg.stamp_size, PIXSCALE_ARCSEC, dx, dy, psf=cfg.psf_model, supersample=cfg.supersample,
-                         tol=cfg.render_tol, moffat_beta=cfg.moffat_beta)
+    "`dhs.render.render_lensed` of a task's source and lens on its stamp grid through its PSFs (a `RenderResult`)."
+    fwhm, kernels = psf['fwhm'], psf['kernels']
+    model = 'gaussian' if cfg.psf_model == 'gaussian' else 'moffat'
+    explicit = None if all(k is None for k in kernels) else [k if k is not None else band_kernels([f], PIXSCALE_ARCSEC, model, cfg.moffat_beta)[0]
+                                                             for k, f in zip(kernels, fwhm)]
+    return render_lensed(task_source(task, cfg.template_bank), task_lens(task), injected_band_fluxes(task), fwhm,
+                         cfg.stamp_size, PIXSCALE_ARCSEC, dx, dy, psf=model, supersample=cfg.supersample,
+                         tol=cfg.render_tol, moffat_beta=cfg.moffat_beta, psf_kernels=explicit)
 
 # %% ../nbs/24_inject.ipynb
 WISE_MASKBITS = maskbits_value('WISEM1', 'WISEM2')
@@ -151,6 +162,19 @@ def lens_metrics(task:dict, lens:Lens)->dict:
     with np.errstate(divide='ignore'): t, r = stretch(xi[j], yi[j], lens)
     return dict(tangential_stretch=float(abs(t)), radial_stretch=float(abs(r)),
                 expected_arc_radius=float(np.sum(w * np.hypot(xi, yi)) / w.sum()))
+
+# %% ../nbs/24_inject.ipynb
+def brick_psf_inputs(cache_uri:str, brick:str, cfg:InjectConfig)->dict:
+    "A brick's coadd PSF per band (None where the cache has none) and its coadds' gains (the ccds table's, else `cfg.g_eff`)."
+    base, psf = local_path(cache_uri), {}
+    for b in BANDS:
+        p = base/copsf_relpath(brick, b)
+        psf[b] = read_copsf(p)[0] if cfg.psf_model == 'survey' and p.exists() else None
+    g = np.asarray(cfg.g_eff, float).copy()
+    if (base/ccds_relpath(brick)).exists():
+        ccds = read_ccds(base/ccds_relpath(brick))
+        g = np.array([coadd_gain(ccds, b) if len(band_ccds(ccds, b)) else g[j] for j, b in enumerate(BANDS)])
+    return dict(psf=psf, g_eff=g)
 
 # %% ../nbs/24_inject.ipynb
 FAILURE_KINDS = (SurveyFileError, StampOffBrickError, ValueError, FloatingPointError)  # row failures; anything else is a bug
@@ -188,16 +212,18 @@ def _physics(task:dict, m:dict)->tuple[int, str]:
     return int(valid), ';'.join(warn)
 
 # %% ../nbs/24_inject.ipynb
-def _inject(task:dict, brick:BrickImages, cfg:InjectConfig)->tuple:
-    "(stamp, metrics, cutout) of one task; expected failures become a failed row."
+def _inject(task:dict, brick:BrickImages, cfg:InjectConfig, bpsf:dict|None=None)->tuple:
+    "(stamp, metrics, cutout) of one task; expected failures become a failed row; `bpsf`: the brick's `brick_psf_inputs`."
     N = cfg.stamp_size
     try: cut = brick.cutout(task['ra'], task['dec'], N)
     except (StampOffBrickError, SurveyFileError, ValueError) as e: return _failed(task, f'cutout: {e}', N)
     try:
-        psf, lens = psf_for_task(cut.psfsize, task, cfg.psf_model), task_lens(task)
-        r = render_task(task, cut.dx, cut.dy, psf['fwhm'], cfg)
-        inj = add_shot_noise(r.stamp, cfg.g_eff, task_stream(task['task_seed64'], 'shot_noise')) if cfg.shot_noise else r.stamp
-        m = _measure(task, inj, r, cut, lens, psf, cfg)
+        bpsf = bpsf or dict(psf={}, g_eff=np.asarray(cfg.g_eff, float))
+        psf, lens = psf_for_task(cut.psfsize, task, cfg.psf_model, bpsf['psf']), task_lens(task)
+        r = render_task(task, cut.dx, cut.dy, psf, cfg)
+        inj = add_shot_noise(r.stamp, bpsf['g_eff'], task_stream(task['task_seed64'], 'shot_noise')) if cfg.shot_noise else r.stamp
+        m = _measure(task, r.stamp, r, cut, lens, psf, cfg)   # arc S/N of the noiseless injection
+        m.update({f'g_eff_{b}': float(g) for b, g in zip(BANDS, bpsf['g_eff'])})
     except FAILURE_KINDS as e: return _failed(task, f'render: {type(e).__name__}: {e}', N, cut)
     stamp = cut.image.copy() if int(task['is_control']) else (cut.image.astype(np.float64) + inj).astype(np.float32)
     m['physics_valid'], m['physics_warnings'] = _physics(task, m)
@@ -207,9 +233,9 @@ def _inject(task:dict, brick:BrickImages, cfg:InjectConfig)->tuple:
     m['cutout_ok'], m['failure_reason'] = (0, f'nonfinite: {nonfinite} NaN/inf pixel(s) in the stamp') if nonfinite else (1, None)
     return stamp, m, cut
 
-def inject_task(task_row:dict, brick:BrickImages, cfg:InjectConfig)->tuple[np.ndarray, dict]:
-    "Stamp (3, N, N) float32 [nmgy] and metrics of one manifest task, rebuilt from its row alone."
-    stamp, m, _ = _inject(task_row, brick, cfg)
+def inject_task(task_row:dict, brick:BrickImages, cfg:InjectConfig, bpsf:dict|None=None)->tuple[np.ndarray, dict]:
+    "Stamp (3, N, N) float32 [nmgy] and metrics of one manifest task, rebuilt from its row alone (and its brick's PSF inputs)."
+    stamp, m, _ = _inject(task_row, brick, cfg, bpsf if bpsf is not None else brick_psf_inputs(cfg.cache_uri, brick.brick, cfg))
     return stamp, m
 
 # %% ../nbs/24_inject.ipynb
@@ -229,7 +255,7 @@ METRIC_COLUMNS = {
     **{c: _F for c in ('arc_snr', 'arc_snr_g', 'arc_snr_r', 'arc_snr_z', 'arc_snr_seed', 'lensed_flux_r', 'lensed_mag_r',
                        'total_injected_flux_r', 'magnification', 'tangential_stretch', 'radial_stretch', 'expected_arc_radius',
                        'bad_pixel_frac', 'wise_brightmask_frac', 'stamp_dx_pix', 'stamp_dy_pix',
-                       *(f'psf_fwhm_used_{b}' for b in BANDS), *(f'psfsize_stamp_{b}' for b in BANDS))},
+                       *(f'psf_fwhm_used_{b}' for b in BANDS), *(f'psfsize_stamp_{b}' for b in BANDS), *(f'g_eff_{b}' for b in BANDS))},
     'psf_fallback': _B}
 CONSTANT_COLUMNS = {c: _S for c in ('selection_set_id', 'ranking_mode', 'selection_strategy', 'pipeline_version', 'bandset')} | {
     'stamp_size': _I, 'ab_zp_nmgy': _F, 'metrics_only': _I}
@@ -294,8 +320,9 @@ def run_group(tasks:pd.DataFrame, cfg:InjectConfig, dest:str|None=None)->pd.Data
         try: bi = BrickImages(cfg.cache_uri, brick)
         except (SurveyFileError, OSError, ValueError) as e:
             rows += recs; results += [_failed(t, f'brick: {e}', cfg.stamp_size) for t in recs]; continue
+        bpsf = brick_psf_inputs(cfg.cache_uri, brick, cfg)
         with bi:
-            for t in recs: rows.append(t); results.append(_inject(t, bi, cfg))
+            for t in recs: rows.append(t); results.append(_inject(t, bi, cfg, bpsf))
     if dest is not None: write_stamp_table(stamp_table(rows, results, cfg), dest, config=cfg, phase='inject')
     return pd.DataFrame(dict(task_id=[t['task_id'] for t in rows], brickname=[t['brickname'] for t in rows],
                              cutout_ok=[m['cutout_ok'] for _, m, _ in results],
@@ -466,8 +493,8 @@ def _parser()->argparse.ArgumentParser:
     ap.add_argument('--manifest', required=True, help='phase 4a tasks Parquet (or the manifest folder holding tasks/)')
     ap.add_argument('--cache', required=True, help='coadd root laid out like DR10 (local)')
     ap.add_argument('--out', required=True, help='output folder (stamps/part-*.parquet, inject_summary.json)')
-    ap.add_argument('--psf', default='gaussian', choices=['gaussian', 'moffat'], help='PSF model')
-    ap.add_argument('--shot-noise', action='store_true', help="add the arc's Poisson noise")
+    ap.add_argument('--psf', default='survey', choices=list(PSF_MODELS), help="PSF of the injections: survey (the brick's coadd PSF from dhs cache; a Moffat of psfsize where a brick has none), or a Gaussian or Moffat of psfsize")
+    ap.add_argument('--no-shot-noise', dest='shot_noise', action='store_false', help="leave out the arc's Poisson noise (on by default, as on the sky's objects)")
     ap.add_argument('--g-eff', type=float, nargs=3, default=DECAM_G_EFF, metavar=('G', 'R', 'Z'), help='electrons per nanomaggy')
     ap.add_argument('--encoding', default='fast', choices=['fast', 'npz'], help='npz also writes the seed\'s stamp_npz')
     ap.add_argument('--write-masks', action='store_true', help='also write invvar and maskbits stamps')

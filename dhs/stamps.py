@@ -130,12 +130,20 @@ def _batch_stats(b:pa.RecordBatch, shape)->dict:
                 nonfinite_ids=[b.column('task_id')[int(i)].as_py() for i in np.flatnonzero(~finite & ok)[:5]],
                 classes=df.groupby(['split', 'control']).size(), regions=df.groupby('region')['split'].unique())
 
+def _psf_counts(b:pa.RecordBatch, acc:dict):
+    "Add a batch's rows per PSF source and band (`psf_source_<band>`: copsf, coadd or sweep) and its PSF fallbacks to `acc`."
+    for name in b.schema.names:
+        if name.startswith('psf_source_'):
+            for src, n in pd.Series(b.column(name).to_pylist()).fillna('none').value_counts().items():
+                acc.setdefault(name[len('psf_source_'):], {}).setdefault(src, 0); acc[name[len('psf_source_'):]][src] += int(n)
+    if 'psf_fallback' in b.schema.names: acc['fallback'] = acc.get('fallback', 0) + int(np.nansum(np.asarray(b.column('psf_fallback').to_numpy(zero_copy_only=False), float)))
+
 def validate_stamps(source, max_fail_frac:float=0.01, batch_rows:int=4096)->dict:
-    "Check a stamp table (file or dataset folder) against the contract and its contents; `ok` says if it passed."
+    "Check a stamp table (file or dataset folder) against the contract and its contents; `ok` says if it passed; `psf_sources` where every row's PSF came from."
     ds = pq.ParquetDataset(source)
     problems = check_schema(ds.schema)
     if problems: return dict(ok=False, problems=problems, n_rows=None)
-    totals, classes, regions, bad_ids = dict(nonfinite_ok=0, nonfinite_failed=0, empty_ok=0, failed=0, n=0), [], {}, []
+    totals, classes, regions, bad_ids, psf = dict(nonfinite_ok=0, nonfinite_failed=0, empty_ok=0, failed=0, n=0), [], {}, [], {}
     for frag in ds.fragments:
         for b in frag.to_batches(batch_size=batch_rows):
             if b.num_rows == 0: continue
@@ -147,7 +155,10 @@ def validate_stamps(source, max_fail_frac:float=0.01, batch_rows:int=4096)->dict
             for k in totals: totals[k] += s[k]
             classes.append(s['classes']); bad_ids += s['nonfinite_ids']
             for r, sp in s['regions'].items(): regions.setdefault(r, set()).update(sp)
-    return _verdict(problems, totals, classes, regions, bad_ids, max_fail_frac)
+            _psf_counts(b, psf)
+    out = _verdict(problems, totals, classes, regions, bad_ids, max_fail_frac)
+    out['psf_fallback'], out['psf_sources'] = psf.pop('fallback', 0), psf
+    return out
 
 # %% ../nbs/23_stamps.ipynb
 def _verdict(problems, totals, classes, regions, bad_ids, max_fail_frac)->dict:
@@ -179,4 +190,6 @@ def main(argv:list|None=None)->int:
         print(f"{a.stamps}: {'OK' if r['ok'] else 'FAILED'} ({r['n_rows']} rows)")
         for p in r['problems']: print(f'  problem: {p}')
         for sp, v in r.get('per_split', {}).items(): print(f"  {sp}: {v['n']} rows, {v['injections']} injections, {v['controls']} controls")
+        for b, c in r.get('psf_sources', {}).items(): print(f"  PSF {b}: " + ', '.join(f'{n} {s}' for s, n in sorted(c.items())))
+        if r.get('psf_sources'): print(f"  PSF fallback (no survey PSF for a band, or psfsize from the sweep): {r['psf_fallback']} rows")
     return 0 if r['ok'] else 1
