@@ -23,6 +23,7 @@ class EvaluateConfig:
     run_dir:str = 'outputs/scratch'     # folder of the run: scores/, stamps/, train/, sky/; writes evaluation/ there
     scores:str = ''                     # phase 5 score Parquet; '' : <run_dir>/scores/scores.parquet (a synthetic table if absent)
     stamps:str = ''                     # stamp table for the gates; '' : <run_dir>/stamps if present, else toy stamps
+    cache:str = ''                      # coadd cache (phase 4b) for the PSF-swap gate; '' : the one the stamps were made from, when present
     population:str = ''                 # text naming the population; '' : built from the cuts below
     split:str = 'test'                  # split measured; thresholds are always fitted on the val split
     fprs:tuple = (1e-2, 1e-3, 1e-4, 1e-5)  # target FPRs
@@ -150,8 +151,13 @@ def stamp_gates(cfg:EvaluateConfig, stamp_path:Path, score_path:Path|None, ck:st
     if cfg.score_gates and scorer:
         try: score_fn = G.load_scorer(scorer, ck)
         except ValueError as e: log(f'score gates not run: {e}')
+    swap = None
+    if score_fn is not None:   # the cache the stamps were made from; else the run folder's own (a run folder that moved)
+        swap = G.load_psf_swap(stamp_path, cfg.split, gc.psf_swap_n, gc.seed, cfg.cache)
+        if swap is None and not cfg.cache and (Path(cfg.run_dir)/'cache').is_dir():
+            swap = G.load_psf_swap(stamp_path, cfg.split, gc.psf_swap_n, gc.seed, str(Path(cfg.run_dir)/'cache'))
     report = G.run_gates(g['images'], g['labels'], gc, g['theta_e'], g['psf_fwhm'], None, None, g['controls'], score_fn, g['meta'],
-                         f'{stamp_path} ({cfg.split} split)')
+                         f'{stamp_path} ({cfg.split} split)', swap)
     if g['model_scores'] is not None: report.results.append(G.model_auroc_result(g['model_scores'], g['labels']))
     return report
 
@@ -220,6 +226,7 @@ def _parser()->argparse.ArgumentParser:
     ap.add_argument('run_dir', metavar='RUN_DIR', help='the run folder (scores/, stamps/, train/, sky/ as `dhs run` leaves them)')
     ap.add_argument('--scores', default='', help='score Parquet (default: RUN_DIR/scores/scores.parquet; a synthetic table if absent)')
     ap.add_argument('--stamps', default='', help='stamp table for the gates (default: RUN_DIR/stamps; toy stamps if absent)')
+    ap.add_argument('--cache', default='', help='coadd cache of phase 4b for the PSF-swap gate (default: the one the stamps were made from, when present)')
     ap.add_argument('--split', default='test', choices=['test', 'val', 'train'], help='split measured (thresholds always come from val)')
     ap.add_argument('--fprs', default='1e-2,1e-3,1e-4,1e-5', help='target FPRs, comma-separated')
     ap.add_argument('--headline-fpr', type=float, default=1e-3, help='target FPR of the stratified tables and surfaces')
@@ -239,7 +246,7 @@ def _parser()->argparse.ArgumentParser:
 def main(argv:list|None=None)->int:
     "`dhs evaluate RUN_DIR`: phase 6 on a run folder; prints the headline and the gate verdict."
     a = _parser().parse_args(argv)
-    cfg = EvaluateConfig(run_dir=a.run_dir, scores=a.scores, stamps=a.stamps, split=a.split, fprs=parse_floats(a.fprs), headline_fpr=a.headline_fpr,
+    cfg = EvaluateConfig(run_dir=a.run_dir, scores=a.scores, stamps=a.stamps, cache=a.cache, split=a.split, fprs=parse_floats(a.fprs), headline_fpr=a.headline_fpr,
                          min_theta_over_psf=a.min_theta_over_psf, source_kind=a.source_kind, dmag=parse_floats(a.dmag) or None,
                          population=a.population, n_boot=a.n_boot, cl=a.cl, scorer=a.scorer, checkpoint=a.checkpoint,
                          score_gates=not a.no_score_gates, truth=a.truth, seed=a.seed)

@@ -8,6 +8,7 @@ import argparse, importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
+from scipy.stats import ks_2samp
 import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.impute import SimpleImputer
@@ -19,13 +20,14 @@ from .core import config_dict, provenance, write_json, atomic_path
 from .metrics import auroc, psf_fwhm_r
 from .tables import latex_table, latex_escape
 from .stamps import read_stamps
+from .inject import psf_variants, stamp_inject_config
 
 # %% auto 0
 __all__ = ['META_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric', 'core_radius_injection',
            'core_radii', 'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'annulus_mask',
            'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport',
-           'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'run_gates', 'load_gate_inputs',
-           'load_scorer', 'main', 'model_auroc_result']
+           'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'psf_swap_gate', 'run_gates',
+           'load_gate_inputs', 'load_psf_swap', 'load_scorer', 'main', 'model_auroc_result']
 
 # %% ../nbs/42_gates.ipynb
 META_COLUMNS = ('psfsize_r', 'psf_fwhm_used_r', 'psfdepth_r', 'galdepth_r', 'ebv', 'mag_r', 'mag_z', 'bad_pixel_frac',
@@ -52,6 +54,9 @@ class GateConfig:
     annulus_fwhm:float = 1.5            # arc annulus half-width [FWHM] around theta_E
     ring_snr:float = 10.0               # matched-filter S/N (r band) of the counterfactual ring
     ring_colour:tuple = (0.76, 1.0, 1.2)  # ring flux g:r:z (g-r = 0.3, r-z = 0.2: a blue source)
+    psf_swap_ks_max:float = 0.15        # largest two-sample KS distance between the scores through the survey PSF and an alternative
+    psf_swap_n:int = 300                # injections re-rendered per PSF model (a random subsample of the split)
+    min_psf_swap:int = 50               # fewer injections with the survey's coadd PSF: gate not run
     batch_size:int = 512                # stamps per call of score_fn
     metadata_columns:tuple = META_COLUMNS  # used when present in the metadata
 
@@ -310,6 +315,33 @@ def _core_masked(score_fn, images, y, s0, radii, controls, cfg)->GateResult:
                       detail=dict(auroc=a0, auroc_core_masked=a1, n_pos=int(len(p)), n_neg=int((y == 0).sum())))
 
 # %% ../nbs/42_gates.ipynb
+def psf_swap_gate(score_fn, variants:dict, cfg:GateConfig|None=None)->GateResult:
+    "Largest KS distance between the scores of the same injections through the survey PSF and through each alternative (`dhs.inject.psf_variants` output)."
+    cfg = cfg or GateConfig()
+    imgs, src = variants['images'], variants.get('psf_source_r', {})
+    alts = [m for m in imgs if m != 'survey']
+    if 'survey' not in imgs or not alts: return GateResult('psf_swap_ks', None, cfg.psf_swap_ks_max, note='needs the survey rendering and an alternative')
+    finite = lambda a: np.isfinite(a).reshape(len(a), -1).all(axis=1)
+    ok = np.all([finite(imgs[m]) for m in imgs], axis=0)
+    if 'survey' in src: ok &= np.asarray(src['survey']) == 'copsf'
+    detail = dict(n=int(ok.sum()), n_rows=int(len(ok)), models=list(imgs))
+    for k in ('stored_model', 'stored_max_abs_diff'):
+        if k in variants: detail[k] = variants[k]
+    if ok.sum() < cfg.min_psf_swap:
+        return GateResult('psf_swap_ks', None, cfg.psf_swap_ks_max, detail=detail,
+                          note=f"{int(ok.sum())} injections rendered with the survey's coadd PSF (fewer than {cfg.min_psf_swap}): cache the copsf files (phase 4b)")
+    s = {m: _score(score_fn, imgs[m][ok], cfg.batch_size) for m in imgs}
+    detail['mean_score'] = {m: float(v.mean()) for m, v in s.items()}
+    for m in alts:
+        ks = ks_2samp(s[m], s['survey'])
+        d = s[m] - s['survey']
+        detail[m] = dict(ks=float(ks.statistic), p_value=float(ks.pvalue), median_delta=float(np.median(d)),
+                         frac_abs_delta_gt_0p1=float(np.mean(np.abs(d) > 0.1)))
+    worst = max(alts, key=lambda m: detail[m]['ks'])
+    return GateResult('psf_swap_ks', detail[worst]['ks'], cfg.psf_swap_ks_max, detail={**detail, 'worst': worst},
+                      note=f'largest two-sample KS distance ({worst} vs survey PSF) of the scores of the same {int(ok.sum())} injections')
+
+# %% ../nbs/42_gates.ipynb
 def _subsample(y:np.ndarray, max_n:int, seed:int)->np.ndarray:
     "Indices of a class-stratified subsample of at most max_n rows (all rows if max_n is 0 or larger)."
     if not max_n or len(y) <= max_n: return np.arange(len(y))
@@ -317,8 +349,8 @@ def _subsample(y:np.ndarray, max_n:int, seed:int)->np.ndarray:
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), int(round(frac * (y == c).sum())), replace=False) for c in (0, 1)]))
 
 def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None, psf_fwhm=None, inj=None, sigma=None,
-              controls=None, score_fn=None, meta:pd.DataFrame|None=None, population:str='')->GateReport:
-    "Every gate the inputs allow; images (n, bands, N, N) nmgy, labels 1 = injected lens."
+              controls=None, score_fn=None, meta:pd.DataFrame|None=None, population:str='', psf_swap:dict|None=None)->GateReport:
+    "Every gate the inputs allow; images (n, bands, N, N) nmgy, labels 1 = injected lens; psf_swap: `dhs.inject.psf_variants` of some injections."
     cfg = cfg or GateConfig()
     y = np.asarray(labels, int)
     idx = _subsample(y, cfg.max_stamps, cfg.seed)
@@ -333,6 +365,9 @@ def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None,
         why = 'needs score_fn' if score_fn is None else 'needs theta_E and PSF FWHM per stamp'
         res += [GateResult(n, None, t, c, note=why) for n, t, c in (('arc_suppressed_score', cfg.arc_suppressed_score_max, '<'),
                 ('ring_counterfactual', cfg.ring_delta_min, '>'), ('core_masked_auroc_drop', cfg.core_masked_drop_max, '<'))]
+    if score_fn is not None and psf_swap is not None: res.append(psf_swap_gate(score_fn, psf_swap, cfg))
+    else: res.append(GateResult('psf_swap_ks', None, cfg.psf_swap_ks_max, note='needs score_fn' if score_fn is None else
+                                "needs the injections re-rendered through each PSF model (the cache of phase 4b: dhs gates --cache)"))
     res.append(metadata_gate(meta, y, cfg) if meta is not None else GateResult('metadata_auc', None, cfg.metadata_auc_max, note='no metadata given'))
     return GateReport(res, config_dict(cfg), int(y.sum()), int(len(y) - y.sum()), population)
 
@@ -382,6 +417,26 @@ def _gate_arrays(images:np.ndarray, meta:pd.DataFrame, scores=None)->dict:
     return out
 
 # %% ../nbs/42_gates.ipynb
+def load_psf_swap(stamps, split:str='test', n:int=300, seed:int=0, cache_uri:str='')->dict|None:
+    "A random n of one split's made injections re-made through each PSF model (`psf_variants`), checked against the stored stamps; None without a cache."
+    try: icfg = stamp_inject_config(stamps, cache_uri=cache_uri)
+    except ValueError: return None                         # a table not made by phase 4c, and no cache given
+    if not Path(icfg.cache_uri).exists():
+        if cache_uri: raise FileNotFoundError(f'--cache {cache_uri}: no such folder; give the coadd cache of phase 4b the stamps were made from')
+        return None
+    meta = pq.read_table(stamps, columns=['task_id', 'is_control', 'cutout_ok', 'physics_valid'],
+                         filters=[('region_split', '=', split)] if split else None).to_pandas()
+    pos = meta[(meta.is_control.astype(int) == 0) & (meta.cutout_ok.astype(int) == 1) & (meta.physics_valid.astype(int) == 1)]
+    pick = pos.task_id.to_numpy()[np.sort(np.random.default_rng(seed).permutation(len(pos))[:n])]
+    if not len(pick): return None
+    stored, rows = read_stamps(stamps, filters=[('task_id', 'in', pick.tolist())])
+    v = psf_variants(rows, icfg)
+    same = v['images'][icfg.psf_model] if icfg.psf_model in v['images'] else None
+    v.update(stored_model=icfg.psf_model, cache_uri=icfg.cache_uri,
+             stored_max_abs_diff=None if same is None else float(np.nanmax(np.abs(same.astype(np.float64) - stored))))
+    return v
+
+# %% ../nbs/42_gates.ipynb
 def load_scorer(spec:str, checkpoint:str=''):
     "score_fn from 'module:factory': factory(checkpoint) if a checkpoint is given, else factory()."
     mod, _, name = spec.partition(':')
@@ -399,16 +454,18 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--out', default='gates', help='folder for gates.json, gates.csv, gates.tex')
     ap.add_argument('--split', default='test', help="region_split to use ('' = all rows)")
     ap.add_argument('--population', default='', help='text naming the stamp population, carried into the report')
+    ap.add_argument('--cache', default='', help='coadd cache of phase 4b, for the PSF-swap gate (default: the one the stamps were made from, when present)')
     d = GateConfig()
-    for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max', 'metadata_auc_max', 'max_stamps', 'seed', 'n_folds'):
+    for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max', 'metadata_auc_max', 'psf_swap_ks_max', 'psf_swap_n', 'max_stamps', 'seed', 'n_folds'):
         ap.add_argument('--' + f.replace('_', '-'), type=type(getattr(d, f)), default=getattr(d, f), help=f'default {getattr(d, f)}')
     a = ap.parse_args(argv)
     cfg = GateConfig(**{f: getattr(a, f) for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max',
-                                                  'metadata_auc_max', 'max_stamps', 'seed', 'n_folds')})
+                                                  'metadata_auc_max', 'psf_swap_ks_max', 'psf_swap_n', 'max_stamps', 'seed', 'n_folds')})
     g = load_gate_inputs(a.stamps, a.split, cfg.max_stamps, cfg.seed, a.scores or None)
     score_fn = load_scorer(a.scorer, a.checkpoint) if a.scorer else None
+    swap = load_psf_swap(a.stamps, a.split, cfg.psf_swap_n, cfg.seed, a.cache) if score_fn is not None else None
     rep = run_gates(g['images'], g['labels'], cfg, g['theta_e'], g['psf_fwhm'], None, None, g['controls'], score_fn, g['meta'],
-                    a.population or f'{a.stamps} ({a.split or "all"} split)')
+                    a.population or f'{a.stamps} ({a.split or "all"} split)', swap)
     if g['model_scores'] is not None: rep.results.append(model_auroc_result(g['model_scores'], g['labels']))
     rep.write(a.out)
     print(rep.to_frame().to_string(index=False))

@@ -28,8 +28,9 @@ from .survey import copsf_relpath, ccds_relpath, read_copsf, read_ccds, band_ccd
 __all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'PSF_MODELS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS',
            'CONSTANT_COLUMNS', 'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task',
            'template_bank_id', 'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task',
-           'mask_fractions', 'lens_metrics', 'brick_psf_inputs', 'inject_task', 'stamp_table', 'brick_groups',
-           'group_file', 'run_group', 'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
+           'mask_fractions', 'lens_metrics', 'brick_psf_inputs', 'inject_task', 'stamp_inject_config', 'psf_variants',
+           'stamp_table', 'brick_groups', 'group_file', 'run_group', 'InjectionFailedError', 'tasks_uri', 'run_inject',
+           'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
 DECAM_G_EFF = (6000.0, 8000.0, 5000.0)  # electrons per nanomaggy of a DR10 coadd (g, r, z), order of magnitude:
@@ -237,6 +238,38 @@ def inject_task(task_row:dict, brick:BrickImages, cfg:InjectConfig, bpsf:dict|No
     "Stamp (3, N, N) float32 [nmgy] and metrics of one manifest task, rebuilt from its row alone (and its brick's PSF inputs)."
     stamp, m, _ = _inject(task_row, brick, cfg, bpsf if bpsf is not None else brick_psf_inputs(cfg.cache_uri, brick.brick, cfg))
     return stamp, m
+
+# %% ../nbs/24_inject.ipynb
+def stamp_inject_config(stamps, **overrides)->InjectConfig:
+    "The `InjectConfig` a stamp table was made with (its Parquet provenance), keys this version does not know dropped, then `overrides`."
+    from dhs.tables import table_provenance
+    files = [str(stamps)] if str(stamps).endswith('.parquet') else uri_glob(uri_join(stamps, '*.parquet')) or uri_glob(uri_join(stamps, '*', '*.parquet'))
+    if not files: raise FileNotFoundError(f'{stamps}: no stamp table Parquet files there; give the stamps folder of phase 4c')
+    prov = table_provenance(files[0]).get('config') or {}
+    if not prov and not overrides.get('cache_uri'):
+        raise ValueError(f'{files[0]}: no phase 4c configuration in its provenance (not written by dhs inject); give the cache it was made from')
+    known = {f for f in InjectConfig.__dataclass_fields__}
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prov.items() if k in known}
+    return replace(InjectConfig(**cfg), **{k: v for k, v in overrides.items() if v not in (None, '')})
+
+def psf_variants(rows:pd.DataFrame, # injection rows of a stamp table (or manifest rows): every manifest column
+                 cfg:InjectConfig,  # how they were made (`stamp_inject_config`); cfg.psf_model is ignored
+                 models=PSF_MODELS)->dict:
+    "The rows made again from the cache through each PSF model: images {model: (n, 3, N, N) float32, NaN where a row failed}, psf_source_r {model: list}."
+    n, N = len(rows), cfg.stamp_size
+    images = {m: np.full((n, 3, N, N), np.nan, np.float32) for m in models}
+    source = {m: [''] * n for m in models}
+    pos = {t: j for j, t in enumerate(rows['task_id'])}
+    for brick, bt in rows.groupby('brickname', sort=True):
+        with BrickImages(cfg.cache_uri, brick) as bi:
+            for m in models:
+                cm = replace(cfg, psf_model=m)
+                bpsf = brick_psf_inputs(cfg.cache_uri, brick, cm)
+                for t in bt.to_dict('records'):
+                    stamp, met, _ = _inject(t, bi, cm, bpsf)
+                    j = pos[t['task_id']]
+                    images[m][j], source[m][j] = stamp, met.get('psf_source_r') or ''
+    return dict(images=images, psf_source_r=source)
 
 # %% ../nbs/24_inject.ipynb
 _S, _F, _I, _L, _B = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()

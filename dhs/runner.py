@@ -212,7 +212,7 @@ def ablation_variants(arch:str, arch_sets:list)->dict:
     return {arch: arch_sets,
             'paired-controls': ['manifest.unpaired_frac=0.0'], 'unpaired-controls': ['manifest.unpaired_frac=1.0'],
             'sersic-sources': ['manifest.source_kinds=sersic:1.0'], 'template-sources': ['manifest.source_kinds=template:1.0'],
-            'moffat-psf': ['inject.psf_model=moffat'], 'residual': ['train.residual=True'],
+            'moffat-psf': ['inject.psf_model=moffat'], 'gaussian-psf': ['inject.psf_model=gaussian'], 'residual': ['train.residual=True'],
             'meta-fusion': [f'train.meta_columns={FUSED_META}'],
             'hard-negatives': ['manifest.extra_negatives={baseline}/hardneg/mined/hard_negatives.parquet'],
             'ensemble': ['train.n_models=3'],

@@ -42,7 +42,7 @@ def test_shortcut_set_fails(toys):
 def test_clean_set_passes(toys):
     rep = _report(toys['clean'], 'clean')
     assert rep.passed is True, rep.to_frame()
-    assert rep.not_run == []
+    assert rep.not_run == ['psf_swap_ks']                           # toy stamps have no cache to re-render from
     assert abs(rep['core_only_auc'].value - 0.5) < 0.12
     assert rep['arc_suppressed_score'].detail['mean_score_pos'] > 0.6      # the toy arc model does see the arcs
     assert rep['radial_profile_auc_full'].value > 0.9 and rep['radial_profile_auc_full'].passed is None   # reported only
@@ -144,3 +144,63 @@ def test_dhs_gates_console_script(toys, tmp_path):
                          capture_output=True, text=True, timeout=300, env={**__import__('os').environ, 'PYTHONPATH': str(Path(__file__).parents[1])})
     assert out.returncode == 0, out.stderr[-2000:]
     assert 'gates: PASS' in out.stdout and (tmp_path/'g'/'gates.json').exists()
+
+
+def _psf_swap_sky(tmp_path):
+    "A tiny brick with a coadd PSF (Moffat core 1.5 x psfsize, a wing), one lens injected through it on 64 hosts by phase 4c."
+    from dhs.inject import InjectConfig, run_group
+    from dhs.psf import moffat_wing_sb, pixelise_psf
+    from dhs.survey import BANDS, PIXSCALE_ARCSEC, copsf_relpath, write_copsf
+    from dhs.toys import write_tiny_sky
+    tasks = write_tiny_sky(tmp_path/'sky', n_bricks=1, pixels=160, hosts_per_brick=32, tasks_per_host=2, psf_hole=False, masks=False)
+    # one bright lens (theta_E 1.2") on every host: what differs between the injections is the host, the noise and the PSF
+    pos = tasks.is_control == 0
+    first = tasks[pos & (tasks.source_kind == 'sersic')].iloc[0]
+    same = [c for c in tasks if c.startswith('src_') or c in ('source_kind', 'template_id', 'lens_q', 'lens_phi_rad', 'gamma1', 'gamma2', 'shear', 'shear_phi_rad', 'lens_e')]
+    for c in same: tasks.loc[pos, c] = first[c]
+    tasks.loc[pos, 'theta_e_arcsec'], tasks.loc[pos, 'src_mag_r'] = 1.2, 20.5
+    brick = tasks.brickname[0]
+    for b in BANDS:
+        f = 1.5 * float(tasks[f'psfsize_{b}'][0]) / PIXSCALE_ARCSEC
+        write_copsf(tmp_path/'sky'/copsf_relpath(brick, b), pixelise_psf(lambda x, y: moffat_wing_sb(x, y, f, 2.8, 0.05, 0.3, 0.02, 2 * f), 63), brick, b)
+    run_group(tasks, InjectConfig(manifest_uri='', cache_uri=str(tmp_path/'sky'), out_uri=str(tmp_path/'st')),
+              str(tmp_path/'st'/'stamps'/'part-00000-of-00001.parquet'))
+    (tmp_path/'psfscorers.py').write_text(
+        'import numpy as np\n'
+        'R = np.hypot(*(np.indices((64, 64)) - 32))\n'
+        'def _r(im): return im[:, 1] - np.median(im[:, 1, :8], axis=(1, 2))[:, None, None]\n'
+        'def sharp():   # the Laplacian per unit flux in 4 < r < 16 pixels: a PSF detector\n'
+        '    def f(im):\n        r, m = _r(im), (R > 4) & (R < 16)\n'
+        '        L = 4 * r[:, 1:-1, 1:-1] - r[:, :-2, 1:-1] - r[:, 2:, 1:-1] - r[:, 1:-1, :-2] - r[:, 1:-1, 2:]\n'
+        '        x = np.abs(L * m[1:-1, 1:-1]).sum(axis=(1, 2)) / np.abs(r * m).sum(axis=(1, 2))\n'
+        '        return 1 / (1 + np.exp(-(x - 3)))\n'
+        '    return f\n'
+        'def flux():    # the aperture flux: blind to the PSF\n'
+        '    def f(im):\n        r = _r(im)\n'
+        '        x = np.abs((r * (R < 24)).sum(axis=(1, 2)))\n        return x / (x + 50)\n'
+        '    return f\n')
+    return tmp_path/'st'/'stamps'
+
+
+def test_psf_swap_gate_from_the_cache(tmp_path, monkeypatch):
+    "dhs gates --cache re-makes the injections through each PSF: bit-identical through the survey PSF, a PSF detector fails, a flux scorer passes."
+    stamps = _psf_swap_sky(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gates = {}
+    for name in ('sharp', 'flux'):
+        main([str(stamps), '--split', '', '--out', str(tmp_path/name), '--scorer', f'psfscorers:{name}', '--max-stamps', '0'])
+        gates[name] = {g['name']: g for g in json.loads((tmp_path/name/'gates.json').read_text())['gates']}['psf_swap_ks']
+    sharp, flux = gates['sharp'], gates['flux']
+    assert sharp['detail']['n'] == 64 and sharp['detail']['stored_model'] == 'survey' and sharp['detail']['stored_max_abs_diff'] == 0.0
+    assert sharp['passed'] is False and sharp['value'] > 0.3, sharp
+    assert flux['passed'] is True and flux['value'] < 0.1, flux
+    # no cache: the gate says so and is not run; a named cache that is not there is an error naming it
+    import shutil; shutil.move(tmp_path/'sky', tmp_path/'moved')
+    main([str(stamps), '--split', '', '--out', str(tmp_path/'nocache'), '--scorer', 'psfscorers:flux'])
+    g = {g['name']: g for g in json.loads((tmp_path/'nocache'/'gates.json').read_text())['gates']}['psf_swap_ks']
+    assert g['value'] is None and 'cache' in g['note']
+    with pytest.raises(FileNotFoundError, match='--cache'):
+        main([str(stamps), '--split', '', '--out', str(tmp_path/'x'), '--scorer', 'psfscorers:flux', '--cache', str(tmp_path/'sky')])
+    main([str(stamps), '--split', '', '--out', str(tmp_path/'moved-cache'), '--scorer', 'psfscorers:flux', '--cache', str(tmp_path/'moved')])
+    g = {g['name']: g for g in json.loads((tmp_path/'moved-cache'/'gates.json').read_text())['gates']}['psf_swap_ks']
+    assert g['passed'] is True and g['detail']['stored_max_abs_diff'] == 0.0
