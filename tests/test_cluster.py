@@ -99,10 +99,12 @@ def small_sky(tmp_path_factory):
     return out
 
 
+PHASES = {'parent': 'parent/parent_summary.json', 'manifest': 'manifest/manifest_summary.json', 'inject': 'stamps/inject_summary.json'}
+
 def _phases(sky:Path, out:Path)->list:
     "The dhs command lines of phases 3, 4a and 4c, writing under `out`."
     return [['parent', '--sky', str(sky), '--out', str(out/'parent')],
-            ['manifest', '--parent', str(out/'parent'/'hosts'), '--out', str(out/'manifest'), '--tasks-per-host', '2'],
+            ['manifest', '--parent', str(out/'parent'/'hosts'), '--out', str(out/'manifest')],
             ['inject', '--manifest', str(out/'manifest'), '--cache', str(sky), '--out', str(out/'stamps'), '--tasks-per-file', '10']]
 
 
@@ -126,24 +128,23 @@ def _table(path:Path, key:str)->pd.DataFrame:
 def test_phases_on_a_standalone_cluster_register_there_and_match_local_mode(cluster, bare_python, small_sky, spark, tmp_path):
     zip_path = build_zip(tmp_path/'dist'/'dhs.zip')
     entry = Path(shutil.copy(dhs.submit.__file__, tmp_path/'submit.py'))   # the entry script alone, as uploaded to EMR
-    on_cluster, local = tmp_path/'cluster', tmp_path/'local'
-    for argv in _phases(small_sky, on_cluster): _spark_submit(cluster, bare_python, zip_path, entry, argv, tmp_path)
-
-    summaries = {p: json.loads((on_cluster/d/f'{p}_summary.json').read_text())
-                 for p, d in (('parent', 'parent'), ('manifest', 'manifest'), ('inject', 'stamps'))}
-    master, worker = cluster.status(), cluster.worker_status()
-    completed = {a['id']: a for a in master['completedapps'] + master['activeapps']}
-    executed = {e['appid'] for e in worker['finishedexecutors'] + worker['executors']}
-    for phase, s in summaries.items():
-        where = s['spark']
-        assert where['master'] == cluster.url and where['n_executors'] >= 1, (phase, where)
-        assert where['app_id'] in completed, (phase, where['app_id'], sorted(completed))   # the master saw this application
-        assert where['app_id'] in executed, (phase, where['app_id'], sorted(executed))     # ... and ran an executor for it on the worker
-    assert len({s['spark']['app_id'] for s in summaries.values()}) == 3
-    assert all('dhs.zip' in p for p in summaries['parent']['executor_dhs_paths']), summaries['parent']['executor_dhs_paths']
+    on_cluster, local, apps = tmp_path/'cluster', tmp_path/'local', set()
+    for argv in _phases(small_sky, on_cluster):
+        _spark_submit(cluster, bare_python, zip_path, entry, argv, tmp_path)
+        where = json.loads((on_cluster/PHASES[argv[0]]).read_text())['spark']
+        assert where['master'] == cluster.url and where['n_executors'] >= 1, (argv[0], where)
+        master, worker = cluster.status(), cluster.worker_status()
+        seen = {a['id'] for a in master['completedapps'] + master['activeapps']}
+        assert where['app_id'] in seen, (argv[0], where['app_id'], sorted(seen))   # the master's own page lists the application
+        ran = {e['appid'] for e in worker['finishedexecutors'] + worker['executors']}
+        assert where['app_id'] in ran, (argv[0], where['app_id'], sorted(ran))     # ... and the worker ran an executor for it
+        apps.add(where['app_id'])
+    assert len(apps) == 3
+    parent_paths = json.loads((on_cluster/PHASES['parent']).read_text())['executor_dhs_paths']
+    assert parent_paths and all('dhs.zip' in p for p in parent_paths), parent_paths   # executors imported the shipped zip
 
     for argv in _phases(small_sky, local): assert dhs_main(argv) == 0   # local mode: the session of the `spark` fixture
-    assert json.loads((local/'parent'/'parent_summary.json').read_text())['spark']['master'].startswith('local')
+    assert json.loads((local/PHASES['parent']).read_text())['spark']['master'].startswith('local')
     for sub, key in (('parent/hosts', 'host_id'), ('manifest/tasks', 'task_id'), ('stamps/stamps', 'task_id')):
         there, here = _table(on_cluster/sub, key), _table(local/sub, key)
         assert len(there) > 0
