@@ -15,7 +15,7 @@ __all__ = ['SparkConfig', 'java_version', 'read_properties', 'submit_args_conf',
 # %% ../nbs/02_spark.ipynb
 @dataclass
 class SparkConfig:
-    master:str = ''              # Spark master; '' = the configured one (spark-submit, spark-defaults.conf, MASTER), else local[*]
+    master:str = ''              # Spark master; '' = the configured one (spark-submit, spark-defaults.conf), else local[*]
     app_name:str = 'dhs'         # application name, unless spark-submit or the configuration names one
     driver_memory:str = '4g'     # local mode: driver (and executor) JVM heap
     shuffle_partitions:int = 8   # local mode: spark.sql.shuffle.partitions
@@ -33,7 +33,7 @@ def java_version()->str|None:
 
 # %% ../nbs/02_spark.ipynb
 def read_properties(path:str|Path)->dict:
-    "The `key value` (or `key=value`, `key: value`) lines of a Java properties file such as spark-defaults.conf; {} when it is missing."
+    "The `key value` (or `key=value`, `key: value`) lines of a properties file such as spark-defaults.conf; {} if missing."
     p, out = Path(path), {}
     if not p.is_file(): return out
     for line in p.read_text().splitlines():
@@ -48,7 +48,7 @@ _SUBMIT_FLAGS = {'--master': 'spark.master', '--deploy-mode': 'spark.submit.depl
                  '--driver-memory': 'spark.driver.memory', '--py-files': 'spark.submit.pyFiles', '--properties-file': '--properties-file'}
 
 def submit_args_conf(args:list)->dict:
-    "spark.* settings a spark-submit argument list names (`--master`, `--conf k=v`, ...); flags win over `--conf`, as in spark-submit."
+    "spark.* settings a spark-submit argument list names (`--master`, `--conf k=v`, ...); flags win over `--conf`."
     flags, confs, it = {}, {}, iter(args)
     for a in it:
         key, eq, val = a.partition('=') if a.startswith('--') else (a, '', '')
@@ -69,13 +69,14 @@ def _spark_home()->str:
     return os.environ.get('SPARK_HOME') or _find_spark_home()
 
 def configured_conf()->dict:
-    "spark.* settings this process's Spark has before `get_spark` adds any: spark-submit's, else those PYSPARK_SUBMIT_ARGS, spark-defaults.conf and MASTER give."
+    "spark.* settings made before `get_spark` adds any: spark-submit's, else PYSPARK_SUBMIT_ARGS, spark-defaults.conf, MASTER."
     if jvm_running():
         from pyspark import SparkConf, SparkContext
         SparkContext._ensure_initialized()   # under spark-submit: connects to its JVM (starts nothing)
         return dict(SparkConf().getAll())
     args = submit_args_conf(shlex.split(os.environ.get('PYSPARK_SUBMIT_ARGS', '')))
-    props = args.pop('--properties-file', None) or os.path.join(os.environ.get('SPARK_CONF_DIR') or os.path.join(_spark_home(), 'conf'), 'spark-defaults.conf')
+    conf_dir = os.environ.get('SPARK_CONF_DIR') or os.path.join(_spark_home(), 'conf')
+    props = args.pop('--properties-file', None) or os.path.join(conf_dir, 'spark-defaults.conf')
     conf = {**read_properties(props), **args}
     if 'spark.master' not in conf and os.environ.get('MASTER'): conf['spark.master'] = os.environ['MASTER']
     return conf
@@ -106,7 +107,7 @@ def _local_env():
     os.environ.setdefault('SPARK_LOCAL_IP', '127.0.0.1')
 
 def ship_package(spark)->str|None:
-    "Add a zip of this process's dhs package to the session's Python path on every executor; its path, or None when dhs is not a folder here."
+    "Put a zip of this process's dhs on every executor's Python path; the zip's path, or None if dhs is no folder here."
     import dhs
     if not Path(dhs.__file__).parent.is_dir(): return None   # dhs itself came from a zip: the cluster ships it already
     from dhs.submit import build_zip
