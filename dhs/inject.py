@@ -455,7 +455,7 @@ def _run_groups(spark, uri:str, cfg:InjectConfig, stamps_uri:str, groups:dict, t
 # %% ../nbs/24_inject.ipynb
 def run_inject(cfg:InjectConfig, spark=None)->dict:
     "Phase 4c: the stamps of every manifest task, written under `cfg.out_uri`/stamps; a summary dict."
-    from dhs.spark import get_spark
+    from dhs.spark import get_spark, spark_info
     t0, spark = time.time(), spark or get_spark()
     uri, stamps_uri = tasks_uri(cfg.manifest_uri), uri_join(cfg.out_uri, 'stamps')
     index = read_parquet(uri, ['task_id', 'brickname'])                       # driver side: no Spark job
@@ -467,7 +467,7 @@ def run_inject(cfg:InjectConfig, spark=None)->dict:
     status = _run_groups(spark, uri, cfg, stamps_uri, groups, todo, n_groups) if todo else []
     report = _check_output(stamps_uri, set(index['task_id']), cfg)
     summary = provenance(cfg, phase='inject', n_groups=n_groups, groups_skipped=len(done), groups_run=len({r['group'] for r in status}),
-                         rows_written_now=len(status), seconds=round(time.time() - t0, 2), **report)
+                         rows_written_now=len(status), seconds=round(time.time() - t0, 2), spark=spark_info(spark), **report)
     write_json(summary, uri_join(cfg.out_uri, 'inject_summary.json'))
     if report['failed_fraction'] > cfg.max_fail_frac:
         write_json(report, uri_join(cfg.out_uri, 'inject_failures.json'))

@@ -295,6 +295,7 @@ def run_manifest(cfg:ManifestConfig, spark=None)->dict:
 # %% ../nbs/21_manifest.ipynb
 def _write_summary(spark, cfg, splits, region_hosts, edges, n_parent, seconds)->dict:
     "Split table and summary (counts by split and kind, achieved fractions, bin edges, provenance)."
+    from dhs.spark import spark_info
     tasks = spark.read.parquet(uri_join(cfg.out_uri, 'tasks'))
     counts = (tasks.groupBy('region_split', 'is_control', 'control_kind').count().toPandas()
               .sort_values(['region_split', 'is_control', 'control_kind'], ignore_index=True))
@@ -306,7 +307,8 @@ def _write_summary(spark, cfg, splits, region_hosts, edges, n_parent, seconds)->
     write_parquet(with_metadata(table, dict(dhs_provenance=provenance(cfg))), uri_join(cfg.out_uri, 'splits.parquet'))
     summary = provenance(cfg, phase='manifest', n_parent=n_parent, n_hosts=n_hosts, n_tasks=int(counts['count'].sum()),
                          grid_size=len(grid_configs(cfg.draw.grid)) if cfg.draw.grid in GRIDS else None,
-                         by_split=by_split, counts=counts.to_dict('records'), bin_edges=edges, seconds=round(seconds, 1))
+                         by_split=by_split, counts=counts.to_dict('records'), bin_edges=edges, seconds=round(seconds, 1),
+                         spark=spark_info(spark))
     write_json(summary, uri_join(cfg.out_uri, 'manifest_summary.json'))
     return summary
 

@@ -259,12 +259,13 @@ def _summarise(cfg, files, records, n_hosts, lens_prov, hosts, seconds)->dict:
     total = OrderedDict()
     for r in ok:
         for k, v in r['counts'].items(): total[k] = total.get(k, 0) + v
+    from dhs.spark import spark_info
     n_flag = hosts.where('near_known_lens').count() if n_hosts else 0
     summary = provenance(cfg, phase='parent', n_files=len(files), n_files_read=len(ok),
                          skipped_files=[{k: r[k] for k in ('file', 'error')} for r in records if r['status'] != 'ok'],
                          counts_after_cut=total, n_hosts=int(n_hosts), n_near_known_lens=int(n_flag),
                          executor_dhs_paths=sorted({r.get('executor_dhs', '') for r in records}),
-                         seconds=round(seconds, 1), **lens_prov)
+                         seconds=round(seconds, 1), spark=spark_info(hosts.sparkSession), **lens_prov)
     write_json(summary, uri_join(cfg.out_uri, 'parent_summary.json'), cfg.storage_options)
     return summary
 

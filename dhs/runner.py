@@ -11,10 +11,10 @@ from .core import provenance, write_json, runs_dir
 
 # %% auto 0
 __all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset', 'parse_value',
-           'parse_sets', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'top_level_names', 'Matrix',
-           'ablation_variants', 'substitute_baseline', 'effective_params', 'first_difference', 'link_shared',
-           'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix',
-           'main']
+           'parse_sets', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps',
+           'top_level_names', 'Matrix', 'ablation_variants', 'substitute_baseline', 'effective_params',
+           'first_difference', 'link_shared', 'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex',
+           'plan_variants', 'run_matrix', 'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
@@ -89,8 +89,14 @@ def notebook_parameters(path:str|Path)->dict:
                               'keep their comments free of "=" and of quotes')
     return {k: v['default'] for k, v in params.items()}
 
-def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|None=None)->list[dict]:
-    "Phases to run, each `{'phase', 'notebook', 'params'}`, with preset and `--set` values checked."
+def _set_spark_master(plan:list, master:str):
+    "Give every phase of `plan` that declares `spark_master` (the Spark phases) this master."
+    hits = [s for s in plan if 'spark_master' in s['declared']]
+    if not hits: raise ValueError(f'--spark-master {master}: none of the selected phases {[s["phase"] for s in plan]} runs Spark')
+    for s in hits: s['params']['spark_master'] = master
+
+def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|None=None, spark_master:str|None=None)->list[dict]:
+    "Phases to run, each `{'phase', 'notebook', 'params'}`, with preset, `--spark-master` and `--set` values checked."
     if preset not in PRESETS: raise ValueError(f'unknown preset {preset!r}; known: {sorted(PRESETS)}')
     p, nb_dir = PRESETS[preset], Path(nb_dir or runs_dir())
     phases = p.phases if not only else [ph for ph in p.phases if ph in only]
@@ -103,6 +109,7 @@ def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|No
         params = {k: v for k, v in p.params.items() if k in declared}
         params.update(p.phase_params.get(ph, {}))
         plan.append(dict(phase=ph, notebook=str(nb), params=params, declared=declared))
+    if spark_master: _set_spark_master(plan, spark_master)
     for phase, name, value in parse_sets(sets or []):
         hits = [s for s in plan if (phase in (None, s['phase'])) and name in s['declared']]
         if not hits: raise ValueError(f'--set {name}: no selected phase declares it'
@@ -128,10 +135,10 @@ def ensure_kernel(name:str='dhs')->str:
 def _now(): return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 def run_preset(preset:str='mock', outputs:str|Path='outputs', run_id:str|None=None, only:list|None=None,
-               sets:list|None=None, resume:bool=False, nb_dir:Path|None=None, log=print)->Path:
-    "Execute the run notebooks of `preset` into `outputs/<run_id>/`; returns the run folder."
+               sets:list|None=None, resume:bool=False, nb_dir:Path|None=None, log=print, spark_master:str|None=None)->Path:
+    "Execute the run notebooks of `preset` into `outputs/<run_id>/` (the Spark phases on `spark_master` if given); returns the run folder."
     import papermill as pm
-    plan = resolve(preset, only, sets, nb_dir)
+    plan = resolve(preset, only, sets, nb_dir, spark_master)
     if PRESETS[preset].needs_gpu and not _cuda_available():
         raise RuntimeError(f'preset {preset!r} trains on a CUDA GPU and none is visible; use --preset mock on a CPU')
     run_id = run_id or f"{preset}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
@@ -141,6 +148,7 @@ def run_preset(preset:str='mock', outputs:str|Path='outputs', run_id:str|None=No
     done = {p['phase']: p for p in old if p['status'] == 'ok'}
     earlier = {p['phase']: p.get('outputs', []) for p in old if p['status'] != 'ok'}   # names a failed attempt created
     record = provenance(preset=preset, run_id=run_id, run_dir=str(run_dir), argv=sys.argv, phases=list(done.values()))
+    if spark_master: record['spark_master'] = spark_master
     kernel = ensure_kernel()
     for step in plan:
         if step['phase'] in done:
@@ -174,8 +182,23 @@ def _run_phase(pm, step, run_dir, kernel, record, log, earlier:list=()):
     finally:
         entry['seconds'] = round(time.time() - t0, 2)
         entry['outputs'] = sorted((top_level_names(run_dir) - before) | {n for n in earlier if (run_dir/n).exists()})
+        if apps := spark_apps(run_dir, entry['outputs']): entry['spark'] = apps
         write_json(record, run_dir/'run.json')
     log(f'[dhs run] {step["phase"]}: ok in {entry["seconds"]:.1f} s')
+
+def spark_apps(run_dir:Path, names:list)->list:
+    "Where a phase's Spark jobs ran: the `spark` blocks (master, app_id, n_executors...) of the *_summary.json files under `names`, one per application."
+    apps = {}
+    for name in names:
+        p = Path(run_dir)/name
+        for f in sorted([p] if p.is_file() else p.rglob('*_summary.json')):
+            if not f.name.endswith('_summary.json'): continue
+            where = json.loads(f.read_text()).get('spark')
+            if not isinstance(where, dict) or 'app_id' not in where: continue
+            app = apps.setdefault(where['app_id'], dict(where, summaries=[]))
+            app['n_executors'] = max(app.get('n_executors', 0), where.get('n_executors', 0))
+            app['summaries'].append(str(f.relative_to(run_dir)))
+    return list(apps.values())
 
 def top_level_names(run_dir:Path)->set:
     "Names in a run folder, less run.json (the runner's own record)."
@@ -443,20 +466,23 @@ def main(argv:list|None=None):
     ap.add_argument('--resume', action='store_true', help='skip phases that finished in run.json of --run-id')
     ap.add_argument('--list', action='store_true', help='list presets, their phases and the ablation matrices, then exit')
     ap.add_argument('--dry-run', action='store_true', help='print the resolved plan as JSON, then exit')
+    ap.add_argument('--spark-master', metavar='URL', help='run the Spark phases (parent, manifest, inject, hardneg, search) on this '
+                    'master (spark://HOST:PORT, yarn, local[N]); the other phases run here. Default: each notebook\'s spark_master')
     a = ap.parse_args(argv)
     if a.list: _print_list(); return 0
     if a.resume and not a.run_id: ap.error('--resume needs --run-id of the run to continue')
     if not a.matrix and (a.variants or a.baseline_run): ap.error('--variants and --baseline-run go with --matrix NAME')
     if a.matrix:
         if a.only or a.dry_run: ap.error('--only and --dry-run do not apply to --matrix (its phases are fixed per matrix)')
+        if a.spark_master: ap.error('--spark-master goes with --preset; for a matrix pass --set spark_master=URL')
         if a.matrix not in MATRICES: ap.error(f'unknown matrix {a.matrix!r}; known: {", ".join(MATRICES)} (see --list)')
         variants = [v.strip() for v in a.variants.split(',') if v.strip()] if a.variants else None
         print(f'[dhs run] matrix finished: {run_matrix(a.matrix, a.outputs, a.run_id, a.sets, variants, a.baseline_run, a.resume)}')
         return 0
     if a.dry_run:
-        print(json.dumps(resolve(a.preset, a.only, a.sets), indent=2, default=str))
+        print(json.dumps(resolve(a.preset, a.only, a.sets, spark_master=a.spark_master), indent=2, default=str))
         return 0
-    run_dir = run_preset(a.preset, a.outputs, a.run_id, a.only, a.sets, a.resume)
+    run_dir = run_preset(a.preset, a.outputs, a.run_id, a.only, a.sets, a.resume, spark_master=a.spark_master)
     print(f'[dhs run] finished: {run_dir}')
     return 0
 

@@ -4,21 +4,24 @@
 
 # %% ../nbs/02_spark.ipynb 1
 from __future__ import annotations
-import os, shutil, subprocess, sys
+import os, re, shlex, shutil, subprocess, sys, tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # %% auto 0
-__all__ = ['SparkConfig', 'java_version', 'get_spark']
+__all__ = ['SparkConfig', 'java_version', 'read_properties', 'submit_args_conf', 'jvm_running', 'configured_conf',
+           'effective_master', 'session_settings', 'ship_package', 'get_spark', 'spark_info']
 
 # %% ../nbs/02_spark.ipynb
 @dataclass
 class SparkConfig:
-    master:str = 'local[*]'      # Spark master; ignored when a session already exists
-    app_name:str = 'dhs'         # application name shown in the Spark UI
+    master:str = ''              # Spark master; '' = the configured one (spark-submit, spark-defaults.conf), else local[*]
+    app_name:str = 'dhs'         # application name, unless spark-submit or the configuration names one
     driver_memory:str = '4g'     # local mode: driver (and executor) JVM heap
-    shuffle_partitions:int = 8   # spark.sql.shuffle.partitions for local runs
-    ui:bool = False              # start the Spark web UI
-    extra:dict = field(default_factory=dict)  # any other spark.* settings
+    shuffle_partitions:int = 8   # local mode: spark.sql.shuffle.partitions
+    ui:bool = False              # local mode: start the Spark web UI
+    ship_package:bool = True     # a cluster master outside spark-submit: send this dhs to the executors as a zip
+    extra:dict = field(default_factory=dict)  # any other spark.* settings, applied on every master
 
 # %% ../nbs/02_spark.ipynb
 def java_version()->str|None:
@@ -30,30 +33,113 @@ def java_version()->str|None:
     return (out.stderr or out.stdout).splitlines()[0].strip()
 
 # %% ../nbs/02_spark.ipynb
+def read_properties(path:str|Path)->dict:
+    "The `key value` (or `key=value`, `key: value`) lines of a properties file such as spark-defaults.conf; {} if missing."
+    p, out = Path(path), {}
+    if not p.is_file(): return out
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in '#!': continue
+        m = re.match(r'([^\s=:]+)\s*[=:]?\s*(.*)', line)
+        if m: out[m[1]] = m[2].strip()
+    return out
+
+# %% ../nbs/02_spark.ipynb
+_SUBMIT_FLAGS = {'--master': 'spark.master', '--deploy-mode': 'spark.submit.deployMode', '--name': 'spark.app.name',
+                 '--driver-memory': 'spark.driver.memory', '--py-files': 'spark.submit.pyFiles', '--properties-file': '--properties-file'}
+
+def submit_args_conf(args:list)->dict:
+    "spark.* settings a spark-submit argument list names (`--master`, `--conf k=v`, ...); flags win over `--conf`."
+    flags, confs, it = {}, {}, iter(args)
+    for a in it:
+        key, eq, val = a.partition('=') if a.startswith('--') else (a, '', '')
+        if key not in _SUBMIT_FLAGS and key != '--conf': continue
+        val = val if eq else next(it, '')
+        if key == '--conf': k, _, v = val.partition('='); confs[k] = v
+        else: flags[_SUBMIT_FLAGS[key]] = val
+    return {**confs, **flags}
+
+# %% ../nbs/02_spark.ipynb
+def jvm_running()->bool:
+    "True when this process has a Spark JVM already: spark-submit started it, or an earlier session did."
+    from pyspark import SparkContext
+    return SparkContext._jvm is not None or 'PYSPARK_GATEWAY_PORT' in os.environ
+
+def _spark_home()->str:
+    from pyspark.find_spark_home import _find_spark_home
+    return os.environ.get('SPARK_HOME') or _find_spark_home()
+
+def configured_conf()->dict:
+    "spark.* settings made before `get_spark` adds any: spark-submit's, else PYSPARK_SUBMIT_ARGS, spark-defaults.conf, MASTER."
+    if jvm_running():
+        from pyspark import SparkConf, SparkContext
+        SparkContext._ensure_initialized()   # under spark-submit: connects to its JVM (starts nothing)
+        return dict(SparkConf().getAll())
+    args = submit_args_conf(shlex.split(os.environ.get('PYSPARK_SUBMIT_ARGS', '')))
+    conf_dir = os.environ.get('SPARK_CONF_DIR') or os.path.join(_spark_home(), 'conf')
+    props = args.pop('--properties-file', None) or os.path.join(conf_dir, 'spark-defaults.conf')
+    conf = {**read_properties(props), **args}
+    if 'spark.master' not in conf and os.environ.get('MASTER'): conf['spark.master'] = os.environ['MASTER']
+    return conf
+
+# %% ../nbs/02_spark.ipynb
+def effective_master(cfg:SparkConfig, conf:dict)->str:
+    "The master a session gets: the one asked for, else the configured one, else local[*]."
+    return cfg.master or conf.get('spark.master') or 'local[*]'
+
+def session_settings(cfg:SparkConfig, conf:dict, jvm_up:bool=False)->dict:
+    "spark.* settings `get_spark` adds to the configured `conf`, `spark.master` among them only when asked for or unset."
+    master = effective_master(cfg, conf)
+    out = {'spark.master': master} if cfg.master or 'spark.master' not in conf else {}
+    defaults = {'spark.app.name': cfg.app_name, 'spark.ui.showConsoleProgress': 'false'}
+    if master.startswith('local'):
+        defaults.update({'spark.sql.shuffle.partitions': str(cfg.shuffle_partitions), 'spark.ui.enabled': str(cfg.ui).lower(),
+                         'spark.driver.bindAddress': os.environ.get('SPARK_LOCAL_IP', '127.0.0.1')})
+        if not jvm_up: defaults['spark.driver.memory'] = cfg.driver_memory   # the heap is fixed once the JVM runs
+    out.update({k: v for k, v in defaults.items() if k not in conf})
+    out.update({'spark.sql.execution.arrow.pyspark.enabled': 'true', 'spark.sql.session.timeZone': 'UTC'})
+    return {**out, **{k: str(v) for k, v in cfg.extra.items()}}
+
+# %% ../nbs/02_spark.ipynb
 def _local_env():
     "Environment a local Spark needs: executors on this Python, driver on loopback."
     os.environ.setdefault('PYSPARK_PYTHON', sys.executable)
     os.environ.setdefault('PYSPARK_DRIVER_PYTHON', sys.executable)
     os.environ.setdefault('SPARK_LOCAL_IP', '127.0.0.1')
 
+def ship_package(spark)->str|None:
+    "Put a zip of this process's dhs on every executor's Python path; the zip's path, or None if dhs is no folder here."
+    import dhs
+    if not Path(dhs.__file__).parent.is_dir(): return None   # dhs itself came from a zip: the cluster ships it already
+    from dhs.submit import build_zip
+    z = build_zip(Path(tempfile.mkdtemp(prefix='dhs-pyfiles-'))/'dhs.zip')
+    spark.sparkContext.addPyFile(str(z))
+    return str(z)
+
+# %% ../nbs/02_spark.ipynb
 def get_spark(cfg:SparkConfig|None=None):
-    "The active SparkSession if there is one (spark-submit, EMR), else a new local one from `cfg`."
+    "The active SparkSession if there is one, else a new one on the master asked for, else the configured one, else local[*]."
     from pyspark.sql import SparkSession
     active = SparkSession.getActiveSession()
     if active is not None: return active
-    cfg = cfg or SparkConfig()
-    if cfg.master.startswith('local'):
-        _local_env()
-        if java_version() is None:
-            raise RuntimeError('Spark needs Java 17 or newer and none was found: install it '
-                               '(e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME.')
-    b = (SparkSession.builder.master(cfg.master).appName(cfg.app_name)
-         .config('spark.driver.memory', cfg.driver_memory)
-         .config('spark.sql.shuffle.partitions', str(cfg.shuffle_partitions))
-         .config('spark.sql.execution.arrow.pyspark.enabled', 'true')
-         .config('spark.ui.enabled', str(cfg.ui).lower())
-         .config('spark.ui.showConsoleProgress', 'false')
-         .config('spark.driver.bindAddress', os.environ.get('SPARK_LOCAL_IP', '127.0.0.1'))
-         .config('spark.sql.session.timeZone', 'UTC'))
-    for k, v in cfg.extra.items(): b = b.config(k, str(v))
-    return b.getOrCreate()
+    cfg, jvm_up = cfg or SparkConfig(), jvm_running()
+    conf = configured_conf()
+    master = effective_master(cfg, conf)
+    if master.startswith('local'): _local_env()
+    if not jvm_up and java_version() is None:
+        raise RuntimeError('Spark needs Java 17 or newer and none was found: install it '
+                           '(e.g. `apt-get install openjdk-17-jre-headless`) or set JAVA_HOME.')
+    b = SparkSession.builder
+    for k, v in session_settings(cfg, conf, jvm_up).items(): b = b.config(k, v)
+    spark = b.getOrCreate()
+    if cfg.ship_package and not master.startswith('local') and 'PYSPARK_GATEWAY_PORT' not in os.environ: ship_package(spark)
+    return spark
+
+# %% ../nbs/02_spark.ipynb
+def spark_info(spark)->dict:
+    "Master URL, application id and name, deploy mode, executors besides the driver (now), default parallelism, Spark version."
+    sc = spark.sparkContext
+    n_exec = len(sc._jsc.sc().statusTracker().getExecutorInfos()) - 1   # the driver is listed too
+    return dict(master=sc.master, app_id=sc.applicationId, app_name=sc.appName,
+                deploy_mode=sc.getConf().get('spark.submit.deployMode', 'client'), n_executors=n_exec,
+                default_parallelism=sc.defaultParallelism, spark_version=sc.version)

@@ -28,6 +28,10 @@ def test_tiny_preset_cli_records_run(tiny_run):
     named = [n for names in outputs.values() for n in names]
     assert len(named) == len(set(named)), 'each top-level name belongs to the phase that created it'
     assert set(named) == {p.name for p in run_dir.iterdir()} - {'run.json'}
+    where = {p['phase']: p.get('spark', []) for p in record['phases']}
+    for ph in ('parent', 'manifest', 'inject', 'hardneg', 'search'):   # where each Spark phase ran, copied from its summaries
+        assert where[ph] and all(a['master'] == 'local[2]' and a['app_id'].startswith('local-') for a in where[ph]), (ph, where[ph])
+    assert not where['train'] and not where['cache']
 
 
 def test_parameter_overrides_default(tmp_path):
