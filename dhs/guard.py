@@ -170,6 +170,16 @@ class ArgumentParser(_AliasMixin, argparse.ArgumentParser):
         "Old spelling -> current spelling of every renamed flag."
         return {old: a.option_strings[0] for a in self._actions for old in getattr(a, 'dhs_aliases', ())}
 
+    def check(self, ns:argparse.Namespace, **checks:Check)->argparse.Namespace:
+        "Apply checks that need a whole value (e.g. `split_fractions=split_fractions` on an nargs=3 flag); `InvalidInput` names the flags."
+        flags = {a.dest: _flag(a) for a in self._actions}
+        problems = []
+        for dest, check in checks.items():
+            try: setattr(ns, dest, check(getattr(ns, dest)))
+            except ValueError as e: problems.append(f'{self.prog}: {flags.get(dest, dest)}: {e}')
+        if problems: raise InvalidInput('\n'.join(problems))
+        return ns
+
 # %% ../nbs/04_guard.ipynb
 def _get_value(self:ArgumentParser, action, arg_string):
     "Convert one argument; a bad one is recorded (reported with the others after parsing) instead of ending the parse."
