@@ -419,7 +419,8 @@ def claim_output(out:str,                 # output folder (local path or fsspec 
                  inputs:dict|None=None,   # name -> `fingerprint(...)` of each input
                  force:bool=False,        # replace a record of other settings instead of refusing
                  ignore=(),               # dotted config names that do not change the outputs (paths, thread counts, tolerances)
-                 check:bool=True,         # False: record and lock only, never refuse other settings (a shared cache)
+                 check:bool=True,         # False: record and lock, never refuse other settings
+                 record:bool=True,        # False: the lock only (a shared cache whose every file is checked on its own)
                  storage_options:dict|None=None): # fsspec options of a remote `out`
     "Hold the lock of `out` while the block runs, refusing a second writer or other settings; yields a `Claim`."
     lock_path, holder_path = _lock_paths(str(out))
@@ -429,7 +430,7 @@ def claim_output(out:str,                 # output folder (local path or fsspec 
     try:
         holder = _holder(phase)
         with atomic_path(holder_path) as tmp: Path(tmp).write_text(json.dumps(holder))
-        prev = _read_record(str(out), storage_options)
+        prev = _read_record(str(out), storage_options) if record else {}
         settings = _settings(config, ignore)
         new = dict(phase=phase, settings_hash=hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16],
                    settings=settings, inputs=dict(inputs or {}))
@@ -438,15 +439,16 @@ def claim_output(out:str,                 # output folder (local path or fsspec 
             raise OutputMismatchError(f'{out}: holds the outputs of another run ({"; ".join(diffs)}); resume it with the same settings, '
                                       'write to a new output folder, or pass --force to discard it and start afresh')
         import dhs
-        record = dict(new, status='running', writer=holder, dhs_version=dhs.__version__, updated_utc=_now(),
-                      created_utc=prev.get('created_utc', _now()) if prev and not diffs else _now())
-        claim = Claim(str(out), record, forced=bool(diffs) and check and force, resumed=bool(prev) and not diffs)
-        _write_record(str(out), record, storage_options)
+        rec = dict(new, status='running', writer=holder, dhs_version=dhs.__version__, updated_utc=_now(),
+                   created_utc=prev.get('created_utc', _now()) if prev and not diffs else _now())
+        claim = Claim(str(out), rec, forced=bool(diffs) and check and force, resumed=bool(prev) and not diffs)
+        save = (lambda: _write_record(str(out), rec, storage_options)) if record else (lambda: None)
+        save()
         try: yield claim
         except BaseException as e:
-            record.update(status='failed', error=error_message(e)[:500], updated_utc=_now()); _write_record(str(out), record, storage_options); raise
-        record.update(status='complete', updated_utc=_now()); record.pop('error', None)
-        _write_record(str(out), record, storage_options)
+            rec.update(status='failed', error=error_message(e)[:500], updated_utc=_now()); save(); raise
+        rec.update(status='complete', updated_utc=_now()); rec.pop('error', None)
+        save()
     finally:
         try: holder_path.unlink()
         except FileNotFoundError: pass
@@ -505,18 +507,19 @@ class IsolatedDecoder:
         return line.decode(errors='replace')
 
 # %% ../nbs/04_guard.ipynb
-def _check(self:IsolatedDecoder, path)->str|None:
-    "None when every HDU of `path` decodes; else what went wrong, naming the file."
+def _check(self:IsolatedDecoder, path, timeout_s:float|None=None)->str|None:
+    "None when every HDU of `path` decodes; else what went wrong, naming the file. `timeout_s` overrides the decoder's."
+    timeout_s = timeout_s or self.timeout_s
     with self._lock:
         proc = self._child()
-        try: proc.stdin.write(f'{path}\n'.encode()); line = self._line(proc)
+        try: proc.stdin.write(f'{path}\n'.encode()); line = self._line(proc, timeout_s)
         except (BrokenPipeError, OSError): line = ''
         if line:
             status, _, msg = line.partition(' ')
             return None if status == 'ok' else f'{path}: does not decode ({msg})'
         try: rc = proc.wait(timeout=10) if line == '' else None   # '': the child died; None: it is still at it
         except subprocess.TimeoutExpired: rc = None
-        if rc is None: proc.kill(); proc.wait(); why = f'the FITS decoder did not finish in {self.timeout_s:g} s'
+        if rc is None: proc.kill(); proc.wait(); why = f'the FITS decoder did not finish in {timeout_s:g} s'
         elif rc < 0: why = f'the FITS decoder crashed ({signal.Signals(-rc).name})'
         else: why = f'the FITS decoder exited with status {rc}'
         self._proc = None; self.n_restarts += 1
@@ -539,11 +542,11 @@ class DecoderPool:
     "`check(path)` on an idle `IsolatedDecoder` (one is started when none is idle); `close()` stops them all."
     def __init__(self, timeout_s:float=DECODE_TIMEOUT_S, program:str=DECODE_PROGRAM):
         self.timeout_s, self.program, self._idle, self._all, self._lock = timeout_s, program, [], [], threading.Lock()
-    def check(self, path)->str|None:
+    def check(self, path, timeout_s:float|None=None)->str|None:
         with self._lock:
             dec = self._idle.pop() if self._idle else None
             if dec is None: dec = IsolatedDecoder(self.timeout_s, self.program); self._all.append(dec)
-        try: return dec.check(path)
+        try: return dec.check(path, timeout_s)
         finally:
             with self._lock: self._idle.append(dec)
     def close(self):
