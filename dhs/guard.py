@@ -8,7 +8,6 @@ import argparse, copy, dataclasses, datetime, hashlib, json, math, numbers, os, 
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-import filelock
 from .core import atomic_path, config_dict, is_local, local_path, uri_join
 
 # %% auto 0
@@ -423,6 +422,7 @@ def claim_output(out:str,                 # output folder (local path or fsspec 
                  record:bool=True,        # False: the lock only (a shared cache whose every file is checked on its own)
                  storage_options:dict|None=None): # fsspec options of a remote `out`
     "Hold the lock of `out` while the block runs, refusing a second writer or other settings; yields a `Claim`."
+    import filelock   # here, not at the top: Spark executors import this module without needing it
     lock_path, holder_path = _lock_paths(str(out))
     lock = filelock.FileLock(str(lock_path), timeout=0)
     try: lock.acquire()
