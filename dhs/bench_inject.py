@@ -136,10 +136,12 @@ def format_bench(res:dict)->str:
 
 def main(argv=None):
     "`dhs bench inject [--n N] [--seed S] [--repeats R] [--json]`."
-    ap = argparse.ArgumentParser(prog='dhs bench inject', description='dhs renderer vs lenstronomy: speed and accuracy on random lenses')
-    ap.add_argument('--n', type=int, default=100, help='number of random configurations')
-    ap.add_argument('--seed', type=int, default=0, help='seed of the configurations')
-    ap.add_argument('--repeats', type=int, default=5, help='timed passes per renderer (the best is kept)')
+    from dhs.guard import ArgumentParser, integer, positive_int
+    ap = ArgumentParser(prog='dhs bench inject', description='Benchmark the lensed-source renderer against lenstronomy on random '
+                        'SIE + shear lenses: rate per CPU second (one at a time and batched) and the largest pixel error.')
+    ap.add_argument('--n', type=positive_int, default=100, help='number of random configurations (default 100)')
+    ap.add_argument('--seed', type=integer, default=0, help='seed of the configurations')
+    ap.add_argument('--repeats', type=positive_int, default=5, help='timed passes per renderer, the best kept (default 5)')
     ap.add_argument('--json', action='store_true', help='print the result as JSON')
     args = ap.parse_args(argv)
     if args.n < 1 or args.repeats < 1: ap.error(f'--n and --repeats must be >= 1, got {args.n} and {args.repeats}')

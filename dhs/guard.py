@@ -143,6 +143,8 @@ class _Formatter(argparse.HelpFormatter):
 class _AliasMixin:
     def add_argument(self, *names, aliases=(), **kw):
         "argparse's `add_argument`; `aliases`: old spellings that still parse but are left out of `--help`."
+        if aliases and 'metavar' not in kw and kw.get('action') in (None, 'store', 'append', 'extend') and names[0].startswith('-'):
+            kw['metavar'] = names[0].lstrip('-').upper().replace('-', '_')   # the flag's own name, not its (older) dest
         action = super().add_argument(*names, *aliases, **kw)
         action.dhs_aliases = tuple(aliases)
         return action
