@@ -57,7 +57,11 @@ def config_from_dict(cls, d:dict, where:str='config'):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
     if unknown: raise ValueError(f'{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}')
-    return cls(**{k: _coerce(v, names[k].type) for k, v in d.items()})
+    values = {}
+    for k, v in d.items():
+        try: values[k] = _coerce(v, names[k].type)
+        except (TypeError, ValueError) as e: raise ValueError(f'{where}: {k}={v!r}: {e}') from None   # name the key, not just the value
+    return cls(**values)
 
 # %% ../nbs/00_core.ipynb
 def git_commit(path:str|Path|None=None)->str:
