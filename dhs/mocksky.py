@@ -1094,7 +1094,7 @@ def mock_sky_config(size:str='mock', **overrides)->MockSkyConfig:
 
 # %% ../nbs/05_mocksky.ipynb
 def main(argv:list|None=None)->int:
-    "`dhs mock-sky --out DIR [--size S] [--bricks N] [--brick-pixels P] [--seed S] [--lenses L] [--workers W]`."
+    "`dhs mock-sky --out DIR [--size S] [--n-bricks N] [--brick-pixels P] [--seed S] [--n-lenses L] [--num-workers W]`."
     from dhs.guard import ArgumentParser, integer, nonneg_int, positive_int
     ap = ArgumentParser(prog='dhs mock-sky', description='Write a mock DR10 sky to a folder, in DR10\'s own formats and layout: '
                         'survey-bricks.fits.gz, sweeps, tile-compressed coadds (image, invvar, psfsize, maskbits) with LRG hosts, '

@@ -219,7 +219,7 @@ def list_sweeps(cfg:ParentConfig)->list[str]:
         import fsspec
         fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=cfg.storage_options)
         files = sorted(fs.unstrip_protocol(p) for p in paths)
-    if not files: raise FileNotFoundError(f'no sweep files match {pattern}; check --sky (a DR10 root holding {cfg.sweep_glob})')
+    if not files: raise FileNotFoundError(f'no sweep files match {pattern}; check --base-uri (a DR10 root holding {cfg.sweep_glob})')
     return files
 
 # %% ../nbs/20_parent.ipynb

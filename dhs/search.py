@@ -311,7 +311,7 @@ def run_search(cfg:SearchConfig, spark=None, log=print)->dict:
 
 # %% ../nbs/43_search.ipynb
 def main(argv:list|None=None)->int:
-    "`dhs search --parent P --cache C --checkpoint CK --out O [--brick B ...] [--val-scores V] [--truth T]`."
+    "`dhs search --parent P --cache C --checkpoint CK --out O [--bricks B ...] [--val-scores V] [--truth T]`."
     ap = ArgumentParser(prog='dhs search', description='The lens search: cut and score every parent LRG of the given bricks (all of '
                         'the parent sample by default) with a finder, at thresholds fixed on the validation split, rank the '
                         'candidates, and report the recovery of the known (lenscat) lenses in the footprint.')
