@@ -389,6 +389,8 @@ def _cache_report(root:str, mtime_ns:int)->tuple[dict, str]:
     d = t.to_pydict()
     return dict(zip(d['relpath'], zip(d['status'], d['size_bytes'], d['error']))), verify
 
+_DECODED = {}   # path -> (size, mtime_ns) of coadds this process saw decode in full: a Spark worker checks a file once
+
 def cached_brick_problem(cache_uri:str, brick:str, decoder:IsolatedDecoder, timeout_s:float|None=None, bands=BANDS)->str|None:
     "Why the cached coadds of `brick` must not be read (marked bad by phase 4b, or failing a full decode in a child process); None if fine."
     root, advice = local_path(cache_uri), f'fetch it again with `dhs cache --bricks {brick} --base-uri SURVEY_ROOT --cache {cache_uri}`'
@@ -401,9 +403,12 @@ def cached_brick_problem(cache_uri:str, brick:str, decoder:IsolatedDecoder, time
     for rel in rels:
         p, (status, size, _) = root/rel, report.get(rel, (None, -1, None))
         if not p.exists(): continue                    # BrickImages names a missing file
-        if verify == 'size+fits' and status in ('copied', 'skipped') and size == p.stat().st_size: continue   # decoded in full by phase 4b
+        st = p.stat()
+        if verify == 'size+fits' and status in ('copied', 'skipped') and size == st.st_size: continue   # decoded in full by phase 4b
+        if _DECODED.get(str(p)) == (st.st_size, st.st_mtime_ns): continue
         why = decoder.check(p, timeout_s)
         if why: return f'{why}; {advice}'
+        _DECODED[str(p)] = (st.st_size, st.st_mtime_ns)
     return None
 
 def run_group(tasks:pd.DataFrame, cfg:InjectConfig, dest:str|None=None)->pd.DataFrame:
