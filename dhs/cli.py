@@ -67,7 +67,15 @@ def _run(module:str, prog:str, argv:list)->int:
 def main(argv:list|None=None)->int:
     "Entry point of the `dhs` console script (`dhs --debug <command> ...` shows tracebacks)."
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == '--debug': os.environ['DHS_DEBUG'], argv = '1', argv[1:]
+    if not argv or argv[0] != '--debug': return _main(argv)
+    before = os.environ.get('DHS_DEBUG')
+    os.environ['DHS_DEBUG'] = '1'          # for this command and the processes it starts (run notebooks)
+    try: return _main(argv[1:])
+    finally:
+        if before is None: os.environ.pop('DHS_DEBUG')
+        else: os.environ['DHS_DEBUG'] = before
+
+def _main(argv:list)->int:
     if argv and argv[0] == '--version':
         from dhs import __version__; print(f'dhs {__version__}'); return 0
     if argv and argv[0] == 'bench': return _dispatch(BENCHES, 'dhs bench', argv[1:])

@@ -233,9 +233,21 @@ def is_secret_name(name)->bool:
     return any(w in _SECRET_PARTS for w in words)
 
 def _remember(v):
-    if isinstance(v, str) and len(v) >= 4: _SECRETS.add(v)
+    if isinstance(v, str) and len(v) >= 4: _SECRETS.add(v); _scrub_logs()
     elif isinstance(v, dict): [_remember(x) for x in v.values()]
     elif isinstance(v, (list, tuple, set)): [_remember(x) for x in v]
+
+def _scrub_logs():
+    "From the first secret seen on, every log record's message is scrubbed (a library's debug log may print a key id)."
+    import logging
+    base = logging.getLogRecordFactory()
+    if getattr(base, 'dhs_scrubs', False): return
+    def factory(*args, **kw):
+        record = base(*args, **kw)
+        record.getMessage = lambda get=record.getMessage: scrub(get())
+        return record
+    factory.dhs_scrubs = True
+    logging.setLogRecordFactory(factory)
 
 # %% ../nbs/04_guard.ipynb
 def redact_uri(text:str)->str:

@@ -183,8 +183,10 @@ def torch_load_checkpoint(path, map_location='cpu'):
     if not Path(path).is_file(): raise CheckpointError(f'{path}: no such checkpoint file; give best.pt or last.pt from the --out folder of dhs train')
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:   # a text file, a truncated download, another program's pickle
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f'{path}: not a dhs checkpoint, torch cannot load it ({type(e).__name__}: {why}); '
+        with open(path, 'rb') as f: head = f.read(512)
+        text = bool(head) and all(32 <= c < 127 or c in b'\t\r\n' for c in head)
+        why = 'it is a text file' if text else f'{type(e).__name__}: ' + (str(e).strip().splitlines() or [''])[0][:200]
+        raise CheckpointError(f'{path}: not a dhs checkpoint, torch cannot load it ({why}); '
                               'give best.pt or last.pt from the --out folder of dhs train') from None
 
 def load_checkpoint(path, map_location='cpu')->dict:
