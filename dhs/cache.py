@@ -65,7 +65,7 @@ class CorruptFileError(Exception):
 class CacheWriteError(Exception):
     "The cache cannot be written: a fatal error, never to be taken for a file missing at the source."
 
-_DECODERS = DecoderPool()   # child processes decoding files in full (one per thread in use; `cache_bricks` stops them)
+_DECODERS = DecoderPool()   # child processes decoding files in full, one per thread in use (they exit with this process)
 
 def check_coadd_file(path:str|Path,            # local file to check
                      expected_size:int|None=None, # source size [bytes]; None when the source did not say
@@ -373,8 +373,7 @@ def cache_bricks(bricks:list[str],       # DR10 brick names (duplicates are fetc
     with contextlib.ExitStack() as stack:
         try: stack.enter_context(claim_output(cfg.cache_uri, 'cache', record=False))   # refused at once if another run holds it
         except OSError as e: raise CacheError(f'cache: cannot write the cache {redact_uri(str(cfg.cache_uri))}: {e}') from e
-        try: return _cache_bricks(bricks, cfg, write_report)
-        finally: _DECODERS.close()
+        return _cache_bricks(bricks, cfg, write_report)   # the decoder processes stay for the next run; they end with this one
 
 def _cache_bricks(bricks:list[str], cfg:CacheConfig, write_report:bool)->CacheReport:
     t0 = time.monotonic()
