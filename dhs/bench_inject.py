@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_bench_inject.ipynb 1
 from __future__ import annotations
-import argparse, json, os, sys, time, warnings
+import json, os, sys, time, warnings
 import numpy as np
 from .lensing import Lens, sample_source_position
 from .sources import SersicSource, sersic_bn, sersic_total_flux
@@ -157,11 +157,12 @@ def format_bench(res:dict)->str:
 
 def main(argv=None):
     "`dhs bench inject [--n N] [--seed S] [--repeats R] [--json]`."
-    ap = argparse.ArgumentParser(prog='dhs bench inject', description='The lensed-source renderer against lenstronomy on random lenses with survey-like '
-                                 'pixelised PSFs: configurations per CPU second, and accuracy against a physically convolved reference.')
-    ap.add_argument('--n', type=int, default=40, help='number of random configurations (default 40)')
-    ap.add_argument('--seed', type=int, default=0, help='seed of the configurations')
-    ap.add_argument('--repeats', type=int, default=3, help='timed passes per renderer (the best is kept)')
+    from dhs.guard import ArgumentParser, integer, positive_int
+    ap = ArgumentParser(prog='dhs bench inject', description='The lensed-source renderer against lenstronomy on random lenses with survey-like '
+                        'pixelised PSFs: configurations per CPU second, and accuracy against a physically convolved reference.')
+    ap.add_argument('--n', type=positive_int, default=40, help='number of random configurations (default 40)')
+    ap.add_argument('--seed', type=integer, default=0, help='seed of the configurations')
+    ap.add_argument('--repeats', type=positive_int, default=3, help='timed passes per renderer, the best kept (default 3)')
     ap.add_argument('--json', action='store_true', help='print the result as JSON')
     args = ap.parse_args(argv)
     if args.n < 1 or args.repeats < 1: ap.error(f'--n and --repeats must be >= 1, got {args.n} and {args.repeats}')

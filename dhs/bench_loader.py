@@ -4,7 +4,7 @@
 
 # %% ../nbs/34_bench_loader.ipynb 1
 from __future__ import annotations
-import argparse, json, os, tempfile, time
+import json, os, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -96,11 +96,13 @@ def bench_loader(rows:int=4096, npz_rows:int=1024, batch_size:int=256, folder=No
 # %% ../nbs/34_bench_loader.ipynb
 def main(argv:list|None=None)->int:
     "`dhs bench loader [--json]`: stamps/s per core, fast encoding vs gzip-NPZ."
-    ap = argparse.ArgumentParser(prog='dhs bench loader', description=main.__doc__)
-    ap.add_argument('--rows', type=int, default=4096, help='rows of the fast-encoding table')
-    ap.add_argument('--npz-rows', type=int, default=1024, help='rows of the gzip-NPZ table')
-    ap.add_argument('--batch-size', type=int, default=256)
-    ap.add_argument('--seconds', type=float, default=2.0, help='minimum time per measurement [s]')
+    from dhs.guard import ArgumentParser, positive, positive_int
+    ap = ArgumentParser(prog='dhs bench loader', description='Benchmark stamp decoding: stamps per second per core of the fixed-size '
+                        'binary `stamp` column against the seed\'s gzip-NPZ encoding, through the training data loader.')
+    ap.add_argument('--rows', type=positive_int, default=4096, help='rows of the fast-encoding table (default 4096)')
+    ap.add_argument('--npz-rows', type=positive_int, default=1024, help='rows of the gzip-NPZ table (default 1024)')
+    ap.add_argument('--batch-size', type=positive_int, default=256, help='rows per batch (default 256)')
+    ap.add_argument('--seconds', type=positive, default=2.0, help='minimum time per measurement [s] (default 2)')
     ap.add_argument('--dir', default=None, help='folder for the bench tables (default: a temporary one)')
     ap.add_argument('--json', action='store_true', help='print the result as JSON')
     a = ap.parse_args(argv)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/35_bench_train.ipynb 1
 from __future__ import annotations
-import argparse, dataclasses, json, multiprocessing as mp, os, platform, tempfile, time
+import dataclasses, json, multiprocessing as mp, os, platform, tempfile, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import pyarrow.parquet as pq
@@ -117,18 +117,20 @@ def bench_train(device:str='auto', arch:str|None=None, rows:int|None=None, batch
 # %% ../nbs/35_bench_train.ipynb
 def main(argv:list|None=None)->int:
     "`dhs bench train [--json]`: training images/s, full pipeline vs synthetic tensors on the device."
-    ap = argparse.ArgumentParser(prog='dhs bench train', description=main.__doc__)
-    ap.add_argument('--device', default='auto')
+    from dhs.guard import ArgumentParser, nonneg_int, positive, positive_int
+    ap = ArgumentParser(prog='dhs bench train', description='Benchmark training: images per second of the full data pipeline (Parquet '
+                        'stamps, decoding, preprocessing, augmentation) against a ceiling of tensors already on the device.')
+    ap.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     ap.add_argument('--arch', default=None, help='default: resnet18 on CUDA, small_cnn on CPU')
-    ap.add_argument('--rows', type=int, default=None, help='rows of the bench table (default 200000 on CUDA, 2048 on CPU)')
-    ap.add_argument('--batch-size', type=int, default=None, help='default 512 on CUDA, 64 on CPU')
-    ap.add_argument('--seconds', type=float, default=None, help='per measurement (default 15 on CUDA, 5 on CPU)')
-    ap.add_argument('--repeats', type=int, default=2, help='alternating ceiling/pipeline measurements per mode (best kept)')
+    ap.add_argument('--rows', type=positive_int, default=None, help='rows of the bench table (default 200000 on CUDA, 2048 on CPU)')
+    ap.add_argument('--batch-size', type=positive_int, default=None, help='rows per batch (default 512 on CUDA, 64 on CPU)')
+    ap.add_argument('--seconds', type=positive, default=None, help='per measurement [s] (default 15 on CUDA, 5 on CPU)')
+    ap.add_argument('--repeats', type=positive_int, default=2, help='alternating ceiling/pipeline measurements per mode (best kept)')
     ap.add_argument('--modes', default=None, help="comma-separated: eager,compiled (default both on CUDA, eager on CPU)")
-    ap.add_argument('--num-workers', type=int, default=None)
+    ap.add_argument('--num-workers', type=nonneg_int, default=None, help='DataLoader workers (default: the preset\'s)')
     ap.add_argument('--encoding', default='plain', choices=['plain', 'zstd'], help='compression of the stamp pages')
     ap.add_argument('--dir', default=None, help='where to write the bench table (default: the system temporary folder)')
-    ap.add_argument('--json', action='store_true')
+    ap.add_argument('--json', action='store_true', help='print the result as JSON')
     a = ap.parse_args(argv)
     r = bench_train(a.device, a.arch, a.rows, a.batch_size, a.seconds, a.modes.split(',') if a.modes else None, a.num_workers,
                     a.encoding, a.dir, a.repeats, log=(lambda *x: None) if a.json else print)

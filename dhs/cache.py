@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_cache.ipynb 1
 from __future__ import annotations
-import argparse, io, json, logging, os, random, re, sys, tempfile, threading, time
+import argparse, contextlib, io, json, logging, os, random, re, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,16 +15,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import atomic_path, is_local, local_path, provenance, uri_join
-from .survey import copsf_relpath, ccds_relpath, psfex_relpath, read_ccds, band_ccds, coadd_psf_of_brick, write_copsf, SurveyFileError, brick_coadd_relpaths, check_fits_file
+from .survey import copsf_relpath, ccds_relpath, psfex_relpath, read_ccds, coadd_psf_of_brick, write_copsf, SurveyFileError, brick_coadd_relpaths, check_fits_file
+from .guard import (DECODE_TIMEOUT_S, ArgumentParser, DecoderPool, check_config, claim_output, fraction, json_object,
+                       nonneg, nonneg_int, positive, positive_int, redact, redact_uri, scrub)
 
 log = logging.getLogger(__name__)
 
 # %% auto 0
 __all__ = ['log', 'VERIFY_MODES', 'REPORT_COLUMNS', 'STALE_TEMP_S', 'BRICKNAME_RE', 'CacheConfig', 'IncompleteFileError',
-           'CacheWriteError', 'check_coadd_file', 'classify_error', 'FetchError', 'with_retries', 'open_fs',
-           'cached_complete', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick', 'cache_brick_psf',
-           'CacheReport', 'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks', 'manifest_bricks',
-           'main']
+           'CorruptFileError', 'CacheWriteError', 'check_coadd_file', 'classify_error', 'FetchError', 'with_retries',
+           'open_fs', 'cached_complete', 'copy_file', 'FailureBudget', 'remove_stale_temps', 'cache_brick',
+           'cache_brick_psf', 'CacheReport', 'write_cache_report', 'CacheError', 'check_bricknames', 'cache_bricks',
+           'manifest_bricks', 'main']
 
 # %% ../nbs/22_cache.ipynb
 VERIFY_MODES = ('size+fits', 'size+header', 'size')  # what makes a copy complete (see `check_coadd_file`)
@@ -41,6 +43,7 @@ class CacheConfig:
     timeout_s:float = 60.0           # connect and per-read timeout of one request [s]
     verify:str = 'size+fits'         # 'size+fits': source size, HDU1 decompresses; 'size+header': the HDUs end inside the file; 'size'
     fail_fraction:float = 0.0        # largest tolerated fraction of requested files failing (404s excluded); beyond it the run stops
+    decode_timeout_s:float = DECODE_TIMEOUT_S  # longest full decode of one file (verify 'size+fits') before it counts as corrupt [s]
     storage_options:dict = field(default_factory=dict)        # fsspec options of the source, e.g. {'endpoint_url': ..., 'anon': True}
     cache_storage_options:dict = field(default_factory=dict)  # fsspec options of the cache when it is remote (s3)
     psf:bool = True                  # also the coadd PSF per band: copied, or built from the ccds table and PSFEx files
@@ -52,19 +55,26 @@ class CacheConfig:
         if not 0 <= self.fail_fraction <= 1: raise ValueError(f'CacheConfig.fail_fraction={self.fail_fraction}; expected a fraction in [0, 1]')
         if self.n_threads < 1 or self.max_retries < 0: raise ValueError(f'CacheConfig: n_threads={self.n_threads} must be >= 1 and max_retries={self.max_retries} >= 0')
         if not self.base_uri: raise ValueError('CacheConfig.base_uri is empty: give the survey root (https://..., s3://... or a local path)')
+        check_config(self, backoff_s=nonneg, timeout_s=positive, decode_timeout_s=positive)
 
 # %% ../nbs/22_cache.ipynb
 class IncompleteFileError(OSError):
     "A copy that does not match its source's size or whose HDU1 does not read: a truncated transfer, worth a retry."
 
+class CorruptFileError(Exception):
+    "A file of its source's size that does not decode: corrupt at the source, so a retry would fetch the same bytes."
+
 class CacheWriteError(Exception):
     "The cache cannot be written: a fatal error, never to be taken for a file missing at the source."
+
+_DECODERS = DecoderPool()   # child processes decoding files in full, one per thread in use (they exit with this process)
 
 def check_coadd_file(path:str|Path,            # local file to check
                      expected_size:int|None=None, # source size [bytes]; None when the source did not say
                      verify:str='size+fits',     # one of VERIFY_MODES
+                     decode_timeout_s:float=DECODE_TIMEOUT_S, # longest full decode [s] ('size+fits')
                     )->int:
-    "Size of `path` [bytes] once it passes `verify`; raise `IncompleteFileError` naming the file otherwise."
+    "Size of `path` [bytes] once it passes `verify`; `IncompleteFileError` (or `CorruptFileError`) naming the file otherwise."
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise IncompleteFileError(f'{path}: {size} bytes where the source has {expected_size} (truncated transfer?)')
@@ -74,10 +84,11 @@ def check_coadd_file(path:str|Path,            # local file to check
     except SurveyFileError as e: raise IncompleteFileError(str(e)) from e
     try:
         with fitsio.FITS(str(path)) as f:
-            n_hdu = len(f)
-            if n_hdu > 1 and verify == 'size+fits': f[1].read()   # decompresses every tile
+            n_hdu = len(f)   # the headers only: decoding the tiles happens in a child process
     except OSError as e: raise IncompleteFileError(f'{path}: HDU1 does not read ({str(e).splitlines()[0]})') from e
     if n_hdu < 2: raise IncompleteFileError(f'{path}: no HDU1 (a DR10 coadd has an empty primary HDU and the image in HDU1)')
+    why = _DECODERS.check(path, decode_timeout_s) if verify == 'size+fits' else None
+    if why: raise (CorruptFileError if expected_size is not None else IncompleteFileError)(f'HDU1 does not read: {why}')
     return size
 
 # %% ../nbs/22_cache.ipynb
@@ -101,6 +112,7 @@ _TRANSIENT_MODULES = ('aiohttp', 'botocore', 'urllib3', 'requests')  # their non
 def classify_error(exc:BaseException)->str:
     "'missing', 'transient' or 'fatal' for an exception raised while fetching a file."
     if isinstance(exc, CacheWriteError): return 'fatal'   # the cache side, even when S3 said 404 (no such bucket)
+    if isinstance(exc, CorruptFileError): return 'corrupt'  # the source's own bytes: fetching them again changes nothing
     chain = _causes(exc)
     status = next((s for s in map(_http_status, chain) if s is not None), None)
     if status is not None:
@@ -154,34 +166,44 @@ def _local_temp(suffix:str='.fits.fz'):
         if os.path.exists(tmp): os.remove(tmp)
 
 # %% ../nbs/22_cache.ipynb
-def cached_complete(dst_fs, dest_uri:str, size:int|None, verify:str)->bool:
-    "True when the cache already holds a complete copy of a source file of `size` bytes."
+def cached_complete(dst_fs, dest_uri:str, size:int|None, verify:str, decode_timeout_s:float=DECODE_TIMEOUT_S)->bool:
+    "True when the cache already holds a complete copy of a source file of `size` bytes; a corrupt local copy is removed."
     try:
         if is_local(dest_uri):
             if not local_path(dest_uri).exists(): return False
-            check_coadd_file(local_path(dest_uri), size, verify); return True
+            check_coadd_file(local_path(dest_uri), size, verify, decode_timeout_s); return True
         info = dst_fs.info(dest_uri)
         if size is not None and info.get('size') != size: return False
         if verify == 'size' and size is not None: return True
         with _local_temp() as tmp:
-            dst_fs.get_file(dest_uri, tmp); check_coadd_file(tmp, size, verify); return True
+            dst_fs.get_file(dest_uri, tmp); check_coadd_file(tmp, size, verify, decode_timeout_s); return True
     except FileNotFoundError: return False
     except IncompleteFileError as e:
         log.info('cache: %s is incomplete, fetching it again (%s)', dest_uri, e); return False
+    except CorruptFileError as e:   # nothing may decode it later (phase 4c): gone, and fetched again
+        log.warning('cache: %s is corrupt, removing it and fetching it again (%s)', dest_uri, e)
+        if is_local(dest_uri): local_path(dest_uri).unlink(missing_ok=True)
+        return False
 
 # %% ../nbs/22_cache.ipynb
-def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:str='size+fits')->int:
+def _check_download(tmp, src_uri:str, size:int|None, verify:str, decode_timeout_s:float)->int:
+    "`check_coadd_file` of a download, a corrupt one named by its source."
+    try: return check_coadd_file(tmp, size, verify, decode_timeout_s)
+    except CorruptFileError as e: raise CorruptFileError(f'{src_uri}: corrupt at the source: ' + str(e).replace(str(tmp), 'the copy')) from None
+
+def copy_file(src_fs, src_uri:str, dst_fs, dest_uri:str, size:int|None, verify:str='size+fits',
+              decode_timeout_s:float=DECODE_TIMEOUT_S)->int:
     "Copy `src_uri` to `dest_uri` so that the destination only ever holds a complete, checked file; returns its bytes."
     if is_local(dest_uri):
         try: local_path(dest_uri).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e: raise CacheWriteError(f'cannot create the cache folder of {dest_uri}: {e}') from e
         with atomic_path(local_path(dest_uri)) as tmp:
             src_fs.get_file(src_uri, str(tmp))
-            n_bytes = check_coadd_file(tmp, size, verify)
+            n_bytes = _check_download(tmp, src_uri, size, verify, decode_timeout_s)
         return n_bytes
     with _local_temp() as tmp:
         src_fs.get_file(src_uri, tmp)
-        n_bytes = check_coadd_file(tmp, size, verify)
+        n_bytes = _check_download(tmp, src_uri, size, verify, decode_timeout_s)
         try:
             dst_fs.put_file(tmp, dest_uri)   # an S3 object becomes visible only when its upload completes
             uploaded = dst_fs.info(dest_uri).get('size')
@@ -226,13 +248,15 @@ def _fetch_row(row:dict, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget)-
     t0, size = time.monotonic(), (None if row['size_bytes'] < 0 else row['size_bytes'])
     src, dest = uri_join(cfg.base_uri, row['relpath']), uri_join(cfg.cache_uri, row['relpath'])
     try:
-        complete, _ = with_retries(lambda: cached_complete(dst_fs, dest, size, cfg.verify), cfg, f'cached copy {dest}', budget.stop)
+        complete, _ = with_retries(lambda: cached_complete(dst_fs, dest, size, cfg.verify, cfg.decode_timeout_s), cfg,
+                                   f'cached copy {dest}', budget.stop)
         if complete: row['status'] = 'skipped'
         else:
-            n_bytes, attempts = with_retries(lambda: copy_file(src_fs, src, dst_fs, dest, size, cfg.verify), cfg, src, budget.stop)
+            n_bytes, attempts = with_retries(lambda: copy_file(src_fs, src, dst_fs, dest, size, cfg.verify, cfg.decode_timeout_s),
+                                             cfg, src, budget.stop)
             row.update(status='copied', bytes_copied=n_bytes, attempts=row['attempts'] + attempts)
-    except FetchError as e: row.update(status='missing' if e.kind == 'missing' else 'failed', error=str(e), attempts=row['attempts'] + e.attempts)
-    except Exception as e: row.update(status='failed', error=f'{dest}: {type(e).__name__}: {e}')
+    except FetchError as e: row.update(status='missing' if e.kind == 'missing' else 'failed', error=scrub(str(e)), attempts=row['attempts'] + e.attempts)
+    except Exception as e: row.update(status='failed', error=scrub(f'{dest}: {type(e).__name__}: {e}'))
     if row['status'] == 'failed': budget.add()
     row['seconds'] += time.monotonic() - t0
 
@@ -247,10 +271,11 @@ def remove_stale_temps(folder:str|Path, max_age_s:float=STALE_TEMP_S)->int:
         except FileNotFoundError: pass   # another process took it
     return n_removed
 
-def cache_brick(brick:str, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget|None=None)->list[dict]:
+def cache_brick(brick:str, src_fs, dst_fs, cfg:CacheConfig, budget:FailureBudget|None=None,
+                stale_s:float=STALE_TEMP_S)->list[dict]:   # temporary files older than this are debris (0: all, under the cache's lock)
     "Copy (or find complete in the cache) the coadd files of one brick; its report rows."
     rows, budget = _rows(brick, cfg.bands), budget or FailureBudget()
-    if is_local(cfg.cache_uri): remove_stale_temps(local_path(uri_join(cfg.cache_uri, rows[0]['relpath'])).parent)
+    if is_local(cfg.cache_uri): remove_stale_temps(local_path(uri_join(cfg.cache_uri, rows[0]['relpath'])).parent, stale_s)
     absent = _stat_sources(rows, src_fs, cfg, budget)
     if absent is not None:
         for row in rows: row.update(status='missing', error=f'brick missing at the source: {uri_join(cfg.base_uri, absent)} not found')
@@ -378,7 +403,7 @@ def _failure_message(report:CacheReport, max_listed:int=20)->str:
     failed, cfg = report.failed_files, report.config
     lines = [f'  brick {r.brickname}: {r.error}' for r in failed.head(max_listed).itertuples()]
     more = f'\n  ... and {len(failed) - max_listed} more' if len(failed) > max_listed else ''
-    return (f'cache: {len(failed)} of {len(report.files)} files failed, more than fail_fraction={cfg.fail_fraction} allows '
+    return scrub(f'cache: {len(failed)} of {len(report.files)} files failed, more than fail_fraction={cfg.fail_fraction} allows '
             f'(base {cfg.base_uri} -> cache {cfg.cache_uri}):\n' + '\n'.join(lines) + more +
             f'\nThe cache holds only complete files: rerun to resume, or raise fail_fraction to accept the gaps. '
             f'Per-file report: {uri_join(cfg.cache_uri, "cache_report.parquet")}')
@@ -394,19 +419,30 @@ def cache_bricks(bricks:list[str],       # DR10 brick names (duplicates are fetc
                  cfg:CacheConfig,        # where from, where to, how
                  write_report:bool=True, # write cache_report.parquet, missing_bricks.csv, cache_report.json into the cache
                 )->CacheReport:
-    "Copy the coadd files of `bricks` from `cfg.base_uri` into `cfg.cache_uri`; `CacheError` if too many fail."
-    bricks, t0 = check_bricknames(bricks), time.monotonic()
+    "Copy the coadd files of `bricks` from `cfg.base_uri` into `cfg.cache_uri`; `CacheError` if too many fail. One run per cache at a time."
+    bricks = check_bricknames(bricks)
+    redact([cfg.storage_options, cfg.cache_storage_options])   # their secrets are scrubbed from every message from now on
+    with contextlib.ExitStack() as stack:
+        try: stack.enter_context(claim_output(cfg.cache_uri, 'cache', record=False))   # refused at once if another run holds it
+        except OSError as e: raise CacheError(f'cache: cannot write the cache {redact_uri(str(cfg.cache_uri))}: {e}') from e
+        return _cache_bricks(bricks, cfg, write_report)   # the decoder processes stay for the next run; they end with this one
+
+def _cache_bricks(bricks:list[str], cfg:CacheConfig, write_report:bool)->CacheReport:
+    t0 = time.monotonic()
     src_fs, dst_fs = open_fs(cfg.base_uri, cfg.storage_options, cfg.timeout_s), open_fs(cfg.cache_uri, cfg.cache_storage_options, cfg.timeout_s)
     max_failed = cfg.fail_fraction * sum(len(brick_coadd_relpaths(b, cfg.bands)) for b in bricks)   # failed files tolerated
     budget, rows, done, last_log = FailureBudget(max_failed), [], set(), t0
-    log.info('cache: %d bricks from %s to %s with %d threads', len(bricks), cfg.base_uri, cfg.cache_uri, cfg.n_threads)
+    log.info('cache: %d bricks from %s to %s with %d threads', len(bricks), redact_uri(cfg.base_uri), redact_uri(cfg.cache_uri), cfg.n_threads)
     with ThreadPoolExecutor(cfg.n_threads, thread_name_prefix='dhs-cache') as pool:
-        futures = {pool.submit(cache_brick, b, src_fs, dst_fs, cfg, budget): b for b in bricks}
-        for fut in as_completed(futures):
-            if fut.cancelled(): continue
-            rows += fut.result(); done.add(futures[fut])
-            if budget.stop.is_set(): [f.cancel() for f in futures]
-            if time.monotonic() - last_log > 10 or len(done) == len(bricks): _log_progress(len(done), len(bricks), rows, t0); last_log = time.monotonic()
+        futures = {pool.submit(cache_brick, b, src_fs, dst_fs, cfg, budget, 0.0): b for b in bricks}   # 0: we hold the lock
+        try:
+            for fut in as_completed(futures):
+                if fut.cancelled(): continue
+                rows += fut.result(); done.add(futures[fut])
+                if budget.stop.is_set(): [f.cancel() for f in futures]
+                if time.monotonic() - last_log > 10 or len(done) == len(bricks): _log_progress(len(done), len(bricks), rows, t0); last_log = time.monotonic()
+        except BaseException:   # Ctrl-C or SIGTERM: the threads finish (or drop) the file at hand, start no other, and clean up
+            budget.stop.set(); [f.cancel() for f in futures]; raise
     for b in bricks:
         if b not in done: rows += _rows(b, cfg.bands, 'cancelled', 'the run stopped before this brick')
     report = CacheReport(pd.DataFrame(rows, columns=list(REPORT_COLUMNS)), time.monotonic() - t0, cfg)
@@ -433,21 +469,28 @@ def manifest_bricks(path:str,                  # manifest Parquet file or folder
 def _parser()->argparse.ArgumentParser:
     "Options of `dhs cache`, defaults from `CacheConfig`."
     d = CacheConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(prog='dhs cache', description='Copy the DR10 coadd files of bricks into a cache (phase 4b).')
+    p = ArgumentParser(prog='dhs cache', description='Phase 4b: copy the image, invvar, psfsize and maskbits coadds of some bricks (or of '
+                       "every brick of a manifest) from the survey's server, an S3 mirror or a local folder into a cache with the "
+                       'DR10 layout; resumable, every file checked, a report of what was copied, missing or failed.')
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument('--bricks', nargs='+', help='brick names (space or comma separated)')
     which.add_argument('--manifest', help='manifest Parquet file or folder with a brickname column')
     p.add_argument('--base-uri', required=True, help='survey root: https://..., s3://bucket/prefix or a local path')
-    p.add_argument('--cache-uri', required=True, help='cache root: a local path or s3://bucket/prefix')
-    p.add_argument('--bands', default=''.join(d['bands'].default), help='bands, e.g. grz')
-    p.add_argument('--threads', type=int, default=d['n_threads'].default)
-    p.add_argument('--retries', type=int, default=d['max_retries'].default)
-    p.add_argument('--backoff', type=float, default=d['backoff_s'].default, help='first retry wait [s]')
-    p.add_argument('--timeout', type=float, default=d['timeout_s'].default, help='request timeout [s]')
-    p.add_argument('--verify', choices=VERIFY_MODES, default=d['verify'].default)
-    p.add_argument('--fail-fraction', type=float, default=d['fail_fraction'].default)
-    p.add_argument('--storage-options', type=json.loads, default={}, help='JSON fsspec options of the source (and manifest)')
-    p.add_argument('--cache-storage-options', type=json.loads, default={}, help='JSON fsspec options of the cache')
+    p.add_argument('--cache', aliases=['--cache-uri'], dest='cache_uri', required=True, help='cache root: a local path or s3://bucket/prefix')
+    p.add_argument('--bands', default=''.join(d['bands'].default), help='bands, e.g. grz (default grz; maskbits always)')
+    p.add_argument('--threads', type=positive_int, default=d['n_threads'].default, help=f'bricks fetched at once (default {d["n_threads"].default})')
+    p.add_argument('--retries', type=nonneg_int, default=d['max_retries'].default,
+                   help=f'retries of a file after a transient error (default {d["max_retries"].default})')
+    p.add_argument('--backoff', type=nonneg, default=d['backoff_s'].default, help=f'first retry wait [s] (default {d["backoff_s"].default})')
+    p.add_argument('--timeout', type=positive, default=d['timeout_s'].default, help=f'request timeout [s] (default {d["timeout_s"].default:g})')
+    p.add_argument('--decode-timeout', type=positive, default=d['decode_timeout_s'].default,
+                   help=f'longest full decode of one file before it counts as corrupt [s] (default {d["decode_timeout_s"].default:g})')
+    p.add_argument('--verify', choices=VERIFY_MODES, default=d['verify'].default,
+                   help='size+fits: sizes and a full decode in a child process; size+header: sizes and FITS structure; size')
+    p.add_argument('--max-fail-frac', aliases=['--fail-fraction'], type=fraction, default=d['fail_fraction'].default,
+                   help='largest tolerated fraction of files failing (missing bricks excluded); beyond it the run fails (default 0)')
+    p.add_argument('--storage-options', type=json_object, default={}, help='JSON fsspec options of the source (and manifest); secrets are never written down')
+    p.add_argument('--cache-storage-options', type=json_object, default={}, help='JSON fsspec options of the cache')
     p.add_argument('--json', action='store_true', help='print the run summary as JSON on stdout')
     return p
 
@@ -455,11 +498,12 @@ def _parser()->argparse.ArgumentParser:
 def main(argv:list[str]|None=None)->int:
     "`dhs cache`: cache the bricks given or listed in a manifest; 0 on success, 1 when too many files failed."
     a = _parser().parse_args(argv)
+    redact([a.storage_options, a.cache_storage_options])   # remembered: scrubbed from every message
     if not logging.getLogger().handlers: logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
     bricks = ([b for arg in a.bricks for b in arg.split(',') if b] if a.bricks else manifest_bricks(a.manifest, a.storage_options))
     cfg = CacheConfig(base_uri=a.base_uri, cache_uri=a.cache_uri, bands=tuple(a.bands), n_threads=a.threads,
-                      max_retries=a.retries, backoff_s=a.backoff, timeout_s=a.timeout, verify=a.verify,
-                      fail_fraction=a.fail_fraction, storage_options=a.storage_options, cache_storage_options=a.cache_storage_options)
+                      max_retries=a.retries, backoff_s=a.backoff, timeout_s=a.timeout, verify=a.verify, decode_timeout_s=a.decode_timeout,
+                      fail_fraction=a.max_fail_frac, storage_options=a.storage_options, cache_storage_options=a.cache_storage_options)
     try: report = cache_bricks(bricks, cfg)
     except CacheError as e:
         print(e, file=sys.stderr); return 1

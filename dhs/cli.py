@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb 1
 from __future__ import annotations
-import importlib, importlib.util, sys
+import importlib, importlib.util, os, signal, sys
 
 # %% auto 0
 __all__ = ['COMMANDS', 'BENCHES', 'available', 'main']
@@ -48,12 +48,35 @@ def _dispatch(table:dict, prog:str, argv:list)->int:
     cmds = available(table)
     if argv[0] not in cmds:
         print(f'{prog}: unknown command {argv[0]!r}\n\n' + _usage(table, prog), file=sys.stderr); return 2
-    mod = importlib.import_module(cmds[argv[0]][0])
-    return mod.main(argv[1:]) or 0
+    return _run(cmds[argv[0]][0], f'{prog} {argv[0]}', argv[1:])
+
+def _terminate(signum, frame):
+    "SIGTERM unwinds like Ctrl-C, so temporary files are removed and locks released on the way out."
+    raise SystemExit(128 + signum)
+
+def _run(module:str, prog:str, argv:list)->int:
+    "A command's `main(argv)`: an error becomes one message for the user (its traceback only with --debug or DHS_DEBUG=1)."
+    from dhs.guard import debug_requested, report_error
+    try: previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError: previous = None   # not the main thread
+    try: return importlib.import_module(module).main(argv) or 0
+    except KeyboardInterrupt: print(f'{prog}: interrupted', file=sys.stderr); return 130
+    except Exception as e: return report_error(prog, e, debug_requested(argv))
+    finally:
+        if previous is not None: signal.signal(signal.SIGTERM, previous)
 
 def main(argv:list|None=None)->int:
-    "Entry point of the `dhs` console script."
+    "Entry point of the `dhs` console script (`dhs --debug <command> ...` shows tracebacks)."
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != '--debug': return _main(argv)
+    before = os.environ.get('DHS_DEBUG')
+    os.environ['DHS_DEBUG'] = '1'          # for this command and the processes it starts (run notebooks)
+    try: return _main(argv[1:])
+    finally:
+        if before is None: os.environ.pop('DHS_DEBUG')
+        else: os.environ['DHS_DEBUG'] = before
+
+def _main(argv:list)->int:
     if argv and argv[0] == '--version':
         from dhs import __version__; print(f'dhs {__version__}'); return 0
     if argv and argv[0] == 'bench': return _dispatch(BENCHES, 'dhs bench', argv[1:])

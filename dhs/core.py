@@ -16,9 +16,9 @@ import dhs
 
 # %% auto 0
 __all__ = ['task_seed', 'task_rng', 'seed_to_int64', 'seed_from_int64', 'config_dict', 'config_from_dict', 'git_commit',
-           'provenance', 'is_local', 'local_path', 'uri_join', 'atomic_path', 'write_json', 'filesystem', 'uri_exists',
-           'uri_glob', 'read_parquet', 'with_metadata', 'write_parquet', 'parquet_metadata', 'local_copy', 'repo_root',
-           'runs_dir']
+           'provenance', 'is_local', 'local_path', 'uri_join', 'current_umask', 'atomic_path', 'write_json',
+           'filesystem', 'uri_exists', 'uri_glob', 'read_parquet', 'with_metadata', 'write_parquet', 'parquet_metadata',
+           'local_copy', 'repo_root', 'runs_dir']
 
 # %% ../nbs/00_core.ipynb
 def task_seed(task_id:str|int, # task identifier (any value with a stable `str`)
@@ -61,7 +61,11 @@ def config_from_dict(cls, d:dict, where:str='config'):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
     if unknown: raise ValueError(f'{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(names)}')
-    return cls(**{k: _coerce(v, names[k].type) for k, v in d.items()})
+    values = {}
+    for k, v in d.items():
+        try: values[k] = _coerce(v, names[k].type)
+        except (TypeError, ValueError) as e: raise ValueError(f'{where}: {k}={v!r}: {e}') from None   # name the key, not just the value
+    return cls(**values)
 
 # %% ../nbs/00_core.ipynb
 def git_commit(path:str|Path|None=None)->str:
@@ -80,9 +84,10 @@ def provenance(config=None, seeds:dict|None=None, **extra)->dict:
     out = dict(dhs_version=dhs.__version__, git_commit=git_commit(),
                created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                python=platform.python_version(), host=platform.node())
-    if config is not None: out['config'] = config_dict(config) if dataclasses.is_dataclass(config) else config
+    from dhs.guard import redact   # credentials (storage options, URI passwords) never reach a file
+    if config is not None: out['config'] = redact(config_dict(config) if dataclasses.is_dataclass(config) else config)
     if seeds: out['seeds'] = seeds
-    out.update(extra)
+    out.update(redact(extra))
     return out
 
 # %% ../nbs/00_core.ipynb
@@ -102,15 +107,26 @@ def uri_join(base:str|Path, *parts:str)->str:
     return out
 
 # %% ../nbs/00_core.ipynb
+def current_umask()->int:
+    "The process umask (from /proc on Linux, else set and restored)."
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
 @contextmanager
 def atomic_path(dest:str|Path):
-    "Yield a temporary path beside `dest`; move it onto `dest` only if the block succeeds."
+    "Yield a temporary path beside `dest`; move it onto `dest` (mode 0666 less the umask) only if the block succeeds."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes 0600 whatever the umask
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp): os.remove(tmp)

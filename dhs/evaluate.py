@@ -4,18 +4,19 @@
 
 # %% ../nbs/48_evaluate.ipynb 1
 from __future__ import annotations
-import argparse, json
+import json
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import provenance, write_json
+from .guard import ArgumentParser, Check, integer, nonneg, open_fraction, positive_int
 from . import metrics as M, selection as S, gates as G, plots as P, toys
 
 # %% auto 0
-__all__ = ['SUMMARY_COLUMNS', 'EvaluateConfig', 'parse_floats', 'load_scores', 'population', 'target_fprs', 'tpr_tables',
-           'headline_row', 'stratified', 'surfaces', 'score_distributions', 'calibration', 'run_checkpoints',
-           'stamp_gates', 'toy_gates', 'gates_for', 'run_evaluate', 'main']
+__all__ = ['SUMMARY_COLUMNS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats', 'load_scores', 'population',
+           'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces', 'score_distributions', 'calibration',
+           'run_checkpoints', 'stamp_gates', 'toy_gates', 'gates_for', 'run_evaluate', 'main']
 
 # %% ../nbs/48_evaluate.ipynb
 @dataclass
@@ -220,34 +221,37 @@ def run_evaluate(cfg:EvaluateConfig, log=print)->dict:
     return summary
 
 # %% ../nbs/48_evaluate.ipynb
-def _parser()->argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='dhs evaluate', description='Phase 6: evaluate a run folder: TPR at fixed FPR with intervals, stratified '
+FPR_LIST = Check('comma-separated false-positive rates in (0, 1), e.g. 1e-2,1e-3', parse_floats, lambda v: len(v) > 0 and all(0 < x < 1 for x in v))
+DMAG_RANGE = Check('LO,HI with LO <= HI (magnitudes), or empty', parse_floats, lambda v: v == () or (len(v) == 2 and v[0] <= v[1]))
+
+def _parser()->ArgumentParser:
+    ap = ArgumentParser(prog='dhs evaluate', description='Phase 6: evaluate a run folder: TPR at fixed FPR with intervals, stratified '
                                  'completeness and FPR, completeness surfaces, calibration and shortcut gates, written to RUN_DIR/evaluation.')
     ap.add_argument('run_dir', metavar='RUN_DIR', help='the run folder (scores/, stamps/, train/, sky/ as `dhs run` leaves them)')
     ap.add_argument('--scores', default='', help='score Parquet (default: RUN_DIR/scores/scores.parquet; a synthetic table if absent)')
     ap.add_argument('--stamps', default='', help='stamp table for the gates (default: RUN_DIR/stamps; toy stamps if absent)')
     ap.add_argument('--cache', default='', help='coadd cache of phase 4b for the PSF-swap gate (default: the one the stamps were made from, when present)')
     ap.add_argument('--split', default='test', choices=['test', 'val', 'train'], help='split measured (thresholds always come from val)')
-    ap.add_argument('--fprs', default='1e-2,1e-3,1e-4,1e-5', help='target FPRs, comma-separated')
-    ap.add_argument('--headline-fpr', type=float, default=1e-3, help='target FPR of the stratified tables and surfaces')
-    ap.add_argument('--min-theta-over-psf', type=float, default=0.0, help='keep rows with theta_E/psfsize_r at least this (both classes)')
+    ap.add_argument('--fprs', type=FPR_LIST, default=(1e-2, 1e-3, 1e-4, 1e-5), help='target FPRs, comma-separated')
+    ap.add_argument('--headline-fpr', type=open_fraction, default=1e-3, help='target FPR of the stratified tables and surfaces')
+    ap.add_argument('--min-theta-over-psf', type=nonneg, default=0.0, help='keep rows with theta_E/psfsize_r at least this (both classes)')
     ap.add_argument('--source-kind', default='', choices=['', 'sersic', 'clumpy', 'template'], help='keep one source kind (default: all)')
-    ap.add_argument('--dmag', default='', metavar='LO,HI', help='keep src_dmag in [LO, HI] (both classes)')
+    ap.add_argument('--dmag', type=DMAG_RANGE, default=(), metavar='LO,HI', help='keep src_dmag in [LO, HI] (both classes)')
     ap.add_argument('--population', default='', help='text naming the population (default: built from the cuts)')
-    ap.add_argument('--n-boot', type=int, default=200, help='bootstrap draws')
-    ap.add_argument('--cl', type=float, default=0.95, help='confidence level of every interval')
+    ap.add_argument('--n-boot', type=positive_int, default=200, help='bootstrap draws')
+    ap.add_argument('--cl', type=open_fraction, default=0.95, help='confidence level of every interval')
     ap.add_argument('--scorer', default='', metavar='MODULE:FUNCTION', help='score function factory for the score gates (default: the run\'s checkpoints)')
     ap.add_argument('--checkpoint', default='', help="checkpoint(s) given to the scorer, comma-separated (default: the run's best.pt)")
     ap.add_argument('--no-score-gates', action='store_true', help='skip the gates that need a scorer')
     ap.add_argument('--truth', default='', help='mock sky truth table (default: RUN_DIR/sky/mock_truth.parquet when present)')
-    ap.add_argument('--seed', type=int, default=0, help='seed of the bootstrap and the gate subsample')
+    ap.add_argument('--seed', type=integer, default=0, help='seed of the bootstrap and the gate subsample')
     return ap
 
 def main(argv:list|None=None)->int:
     "`dhs evaluate RUN_DIR`: phase 6 on a run folder; prints the headline and the gate verdict."
     a = _parser().parse_args(argv)
-    cfg = EvaluateConfig(run_dir=a.run_dir, scores=a.scores, stamps=a.stamps, cache=a.cache, split=a.split, fprs=parse_floats(a.fprs), headline_fpr=a.headline_fpr,
-                         min_theta_over_psf=a.min_theta_over_psf, source_kind=a.source_kind, dmag=parse_floats(a.dmag) or None,
+    cfg = EvaluateConfig(run_dir=a.run_dir, scores=a.scores, stamps=a.stamps, cache=a.cache, split=a.split, fprs=tuple(a.fprs), headline_fpr=a.headline_fpr,
+                         min_theta_over_psf=a.min_theta_over_psf, source_kind=a.source_kind, dmag=tuple(a.dmag) or None,
                          population=a.population, n_boot=a.n_boot, cl=a.cl, scorer=a.scorer, checkpoint=a.checkpoint,
                          score_gates=not a.no_score_gates, truth=a.truth, seed=a.seed)
     s = run_evaluate(cfg)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/42_gates.ipynb 1
 from __future__ import annotations
-import argparse, importlib
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -17,6 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from .core import config_dict, provenance, write_json, atomic_path
+from .guard import ArgumentParser, nonneg_int, open_fraction, positive_int, integer, number
 from .metrics import auroc, psf_fwhm_r
 from .tables import latex_table, latex_escape
 from .stamps import read_stamps
@@ -446,7 +447,9 @@ def load_scorer(spec:str, checkpoint:str=''):
 
 def main(argv:list|None=None)->int:
     "`dhs gates STAMPS`: shortcut gates of a stamp table (and a model); exit 1 when a judged gate fails."
-    ap = argparse.ArgumentParser(prog='dhs gates', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs gates', description='Shortcut gates of a stamp table (and, with a scorer, of a model): what a '
+                        'finder that learned the lens core instead of the arc would pass. Core-only and radial-profile AUCs, '
+                        'metadata AUC, arc-suppressed score, core-masked AUROC drop, ring counterfactual; exit 1 when a judged gate fails.')
     ap.add_argument('stamps', help='stamp table: a Parquet file or a folder of them')
     ap.add_argument('--scores', default='', help='score table (phase 5) to report the model AUROC on the same stamps')
     ap.add_argument('--scorer', default='', help="'module:function' returning score_fn(images) -> scores, for the score gates")
@@ -456,8 +459,17 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--population', default='', help='text naming the stamp population, carried into the report')
     ap.add_argument('--cache', default='', help='coadd cache of phase 4b, for the PSF-swap gate (default: the one the stamps were made from, when present)')
     d = GateConfig()
-    for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max', 'metadata_auc_max', 'psf_swap_ks_max', 'psf_swap_n', 'max_stamps', 'seed', 'n_folds'):
-        ap.add_argument('--' + f.replace('_', '-'), type=type(getattr(d, f)), default=getattr(d, f), help=f'default {getattr(d, f)}')
+    what = dict(core_auc_max=(open_fraction, 'core-only logistic-regression AUC must stay below this'),
+                radial_auc_max=(open_fraction, 'radial-profile AUC must stay below this'),
+                arc_suppressed_score_max=(open_fraction, 'mean score of lenses with the arc annulus suppressed must stay below this'),
+                core_masked_drop_max=(number, 'AUROC drop with the lens cores replaced by the paired controls\' must stay below this'),
+                metadata_auc_max=(open_fraction, 'metadata-only AUC must stay below this'),
+                psf_swap_ks_max=(open_fraction, 'largest KS distance between the scores of injections through the survey PSF and through a Gaussian or Moffat must stay below this'),
+                psf_swap_n=(positive_int, 'injections re-rendered through each PSF model for the PSF-swap gate'),
+                max_stamps=(nonneg_int, 'class-stratified subsample of stamps used (0: all)'), seed=(integer, 'seed of folds and subsampling'),
+                n_folds=(positive_int, 'cross-validation folds'))
+    for f, (check, text) in what.items():
+        ap.add_argument('--' + f.replace('_', '-'), type=check, default=getattr(d, f), help=f'{text} (default {getattr(d, f)})')
     a = ap.parse_args(argv)
     cfg = GateConfig(**{f: getattr(a, f) for f in ('core_auc_max', 'radial_auc_max', 'arc_suppressed_score_max', 'core_masked_drop_max',
                                                   'metadata_auc_max', 'psf_swap_ks_max', 'psf_swap_n', 'max_stamps', 'seed', 'n_folds')})

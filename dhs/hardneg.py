@@ -4,10 +4,11 @@
 
 # %% ../nbs/44_hardneg.ipynb 1
 from __future__ import annotations
-import argparse, json, time
+import json, time
 from dataclasses import dataclass, field
 import pandas as pd
 from .core import provenance, write_json, local_path
+from .guard import ArgumentParser, positive_int, number
 from .selection import truth_classes
 from .tables import write_table
 from .gallery import table_gallery
@@ -89,15 +90,19 @@ def run_hardneg(cfg:HardNegConfig, log=print)->dict:
 # %% ../nbs/44_hardneg.ipynb
 def main(argv:list|None=None)->int:
     "`dhs hard-negatives STAMPS --checkpoint CK --out O [--n-top N] [--parent P --truth T]`."
-    ap = argparse.ArgumentParser(prog='dhs hard-negatives', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs hard-negatives', description='Mine hard negatives: score the controls of the train and val splits '
+                        '(never test) with a finder, keep the highest-scoring hosts, and write them as a table that phase 4a adds '
+                        'back as controls (dhs manifest --extra-negatives), with their contaminant classes and a gallery.')
     ap.add_argument('stamps', help='stamp table whose train/val controls form the pool')
     ap.add_argument('--checkpoint', action='append', default=[], help='finder checkpoint (repeat for an ensemble)')
     ap.add_argument('--scores', default='', help='scores of the pool already made (instead of --checkpoint)')
     ap.add_argument('--out', required=True, help='output folder')
-    ap.add_argument('--n-top', type=int, default=100); ap.add_argument('--min-score', type=float, default=0.0)
+    ap.add_argument('--n-top', type=positive_int, default=100, help='hard negatives kept, highest score first (default 100)')
+    ap.add_argument('--min-score', type=number, default=0.0, help='keep only negatives scoring at least this (default 0)')
     ap.add_argument('--split', action='append', default=None, help='splits mined (default train and val; never test)')
-    ap.add_argument('--parent', default=''); ap.add_argument('--truth', default='')
-    ap.add_argument('--device', default='auto')
+    ap.add_argument('--parent', default='', help='phase 3 hosts, to carry the hosts\' columns into the table')
+    ap.add_argument('--truth', default='', help='mock sky truth table (mock_truth.parquet), for the contaminant classes')
+    ap.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
     a = ap.parse_args(argv)
     if not a.checkpoint and not a.scores: ap.error('give --checkpoint or --scores')
     s = run_hardneg(HardNegConfig(stamps_uri=a.stamps, checkpoints=a.checkpoint, scores_uri=a.scores, out_uri=a.out, n_top=a.n_top,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import dhs
 from .core import is_local, local_path, provenance, read_parquet, seed_from_int64, uri_exists, uri_glob, uri_join, write_json
 from .survey import (AB_ZP, BANDS, PIXSCALE_ARCSEC, BrickImages, Cutout, StampOffBrickError, SurveyFileError,
-                        bad_pixel_mask, maskbits_value)
+                        bad_pixel_mask, brick_coadd_relpaths, maskbits_value)
 from .lensing import Lens, check_lens, image_positions, stretch
 from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed, band_kernels
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
@@ -23,18 +23,22 @@ from .templates import TemplateBank, TemplateSource, hdf_template_bank
 from .psf import moffat_fwhm_from_psfsize, fwhm_of_image
 from .stamps import encode_npz, encode_stamps, write_stamp_table
 from .survey import copsf_relpath, ccds_relpath, read_copsf, read_ccds, band_ccds, coadd_gain
+from .guard import (DECODE_TIMEOUT_S, ArgumentParser, IsolatedDecoder, check_config, claim_output, fingerprint, fraction, list_of,
+                       nonneg_int, one_of, optional, positive, positive_int)
 
 # %% auto 0
-__all__ = ['DECAM_G_EFF', 'RNG_STREAMS', 'PSF_MODELS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS',
-           'CONSTANT_COLUMNS', 'STATUS_SCHEMA', 'InjectConfig', 'task_stream', 'template_bank', 'template_for_task',
-           'template_bank_id', 'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes', 'render_task',
-           'mask_fractions', 'lens_metrics', 'brick_psf_inputs', 'inject_task', 'stamp_inject_config', 'psf_variants',
-           'stamp_table', 'brick_groups', 'group_file', 'run_group', 'InjectionFailedError', 'tasks_uri', 'run_inject',
-           'bench_inject_job', 'main']
+__all__ = ['DECAM_G_EFF', 'PSF_MODELS', 'RNG_STREAMS', 'WISE_MASKBITS', 'FAILURE_KINDS', 'TASK_COLUMNS', 'METRIC_COLUMNS',
+           'CONSTANT_COLUMNS', 'STATUS_SCHEMA', 'INJECT_IGNORE', 'InjectConfig', 'task_stream', 'template_bank',
+           'template_for_task', 'template_bank_id', 'task_source', 'psf_for_task', 'task_lens', 'injected_band_fluxes',
+           'render_task', 'mask_fractions', 'lens_metrics', 'brick_psf_inputs', 'inject_task', 'stamp_table',
+           'brick_groups', 'group_file', 'cached_brick_problem', 'run_group', 'stamp_inject_config', 'psf_variants',
+           'InjectionFailedError', 'tasks_uri', 'run_inject', 'bench_inject_job', 'main']
 
 # %% ../nbs/24_inject.ipynb
 DECAM_G_EFF = (6000.0, 8000.0, 5000.0)  # electrons per nanomaggy of a DR10 coadd (g, r, z), order of magnitude:
 # DECam zero points ~26.5 mag for 1 e-/s give ~40 e-/s per nmgy; x ~3 x 90 s exposures ~ 1e4 e-/nmgy.
+
+PSF_MODELS = ('survey', 'gaussian', 'moffat')   # survey: the brick's coadd PSF; else a model of psfsize (Moffat where the survey PSF is missing)
 
 @dataclass
 class InjectConfig:
@@ -53,9 +57,16 @@ class InjectConfig:
     template_bank:str = 'hdf'              # 'hdf' (built-in bank) or the path of a TemplateBank .npz
     max_fail_frac:float = 0.01             # a run with more failed rows (cutout_ok = 0) than this fails
     tasks_per_file:int = 1000              # target rows per output file (files hold whole bricks)
+    decode_timeout_s:float = DECODE_TIMEOUT_S  # longest full decode of a coadd not checked by phase 4b (in a child process) [s]
     selection_set_id:str = 'dhs-parent-lrg'   # seed-compatible constants (STAMP_SCHEMA.md)
     ranking_mode:str = 'none'
     selection_strategy:str = 'manifest'
+
+    def __post_init__(self):
+        check_config(self, stamp_size=positive_int, psf_model=one_of(*PSF_MODELS), moffat_beta=positive,
+                     supersample=optional(positive_int), render_tol=positive, encoding=one_of('fast', 'npz'),
+                     max_fail_frac=fraction, tasks_per_file=positive_int, decode_timeout_s=positive)
+        self.g_eff = tuple(list_of(positive)(self.g_eff))
 
 # %% ../nbs/24_inject.ipynb
 RNG_STREAMS = {'clumpy': 1, 'shot_noise': 2}  # stream ids derived from a task's seed
@@ -98,8 +109,6 @@ def task_source(task:dict, bank_name:str='hdf'):
     raise ValueError(f"task {task['task_id']}: unknown source_kind {kind!r}; expected sersic, clumpy or template")
 
 # %% ../nbs/24_inject.ipynb
-PSF_MODELS = ('survey', 'gaussian', 'moffat')   # survey: the brick's coadd PSF; else a model of psfsize (Moffat where the survey PSF is missing)
-
 def psf_for_task(stamp_psfsize,   # (3,) psfsize map at the stamp centre [arcsec] (0: no coverage)
                  task:dict,       # manifest row with the host's sweep psfsize_<band>
                  psf_model:str='survey',
@@ -240,38 +249,6 @@ def inject_task(task_row:dict, brick:BrickImages, cfg:InjectConfig, bpsf:dict|No
     return stamp, m
 
 # %% ../nbs/24_inject.ipynb
-def stamp_inject_config(stamps, **overrides)->InjectConfig:
-    "The `InjectConfig` a stamp table was made with (its Parquet provenance), keys this version does not know dropped, then `overrides`."
-    from dhs.tables import table_provenance
-    files = [str(stamps)] if str(stamps).endswith('.parquet') else uri_glob(uri_join(stamps, '*.parquet')) or uri_glob(uri_join(stamps, '*', '*.parquet'))
-    if not files: raise FileNotFoundError(f'{stamps}: no stamp table Parquet files there; give the stamps folder of phase 4c')
-    prov = table_provenance(files[0]).get('config') or {}
-    if not prov and not overrides.get('cache_uri'):
-        raise ValueError(f'{files[0]}: no phase 4c configuration in its provenance (not written by dhs inject); give the cache it was made from')
-    known = {f for f in InjectConfig.__dataclass_fields__}
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prov.items() if k in known}
-    return replace(InjectConfig(**cfg), **{k: v for k, v in overrides.items() if v not in (None, '')})
-
-def psf_variants(rows:pd.DataFrame, # injection rows of a stamp table (or manifest rows): every manifest column
-                 cfg:InjectConfig,  # how they were made (`stamp_inject_config`); cfg.psf_model is ignored
-                 models=PSF_MODELS)->dict:
-    "The rows made again from the cache through each PSF model: images {model: (n, 3, N, N) float32, NaN where a row failed}, psf_source_r {model: list}."
-    n, N = len(rows), cfg.stamp_size
-    images = {m: np.full((n, 3, N, N), np.nan, np.float32) for m in models}
-    source = {m: [''] * n for m in models}
-    pos = {t: j for j, t in enumerate(rows['task_id'])}
-    for brick, bt in rows.groupby('brickname', sort=True):
-        with BrickImages(cfg.cache_uri, brick) as bi:
-            for m in models:
-                cm = replace(cfg, psf_model=m)
-                bpsf = brick_psf_inputs(cfg.cache_uri, brick, cm)
-                for t in bt.to_dict('records'):
-                    stamp, met, _ = _inject(t, bi, cm, bpsf)
-                    j = pos[t['task_id']]
-                    images[m][j], source[m][j] = stamp, met.get('psf_source_r') or ''
-    return dict(images=images, psf_source_r=source)
-
-# %% ../nbs/24_inject.ipynb
 _S, _F, _I, _L, _B = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()
 TASK_COLUMNS = {  # manifest columns carried into the stamp table, with their Arrow types
     **{c: _S for c in ('task_id', 'experiment_id', 'host_id', 'brickname', 'region_split', 'control_kind', 'partner_task_id',
@@ -345,21 +322,87 @@ def group_file(gid:int, n_groups:int)->str:
     return f'part-{gid:05d}-of-{n_groups:05d}.parquet'
 
 # %% ../nbs/24_inject.ipynb
+@lru_cache(maxsize=8)
+def _cache_report(root:str, mtime_ns:int)->tuple[dict, str]:
+    "relpath -> (status, source size, error) of a cache's last report, and its `verify` mode (`mtime_ns` keys the cache)."
+    t = pq.read_table(Path(root)/'cache_report.parquet', columns=['relpath', 'status', 'size_bytes', 'error'])
+    verify = json.loads((t.schema.metadata or {}).get(b'dhs', b'{}')).get('config', {}).get('verify', '')
+    d = t.to_pydict()
+    return dict(zip(d['relpath'], zip(d['status'], d['size_bytes'], d['error']))), verify
+
+_DECODED = {}   # path -> (size, mtime_ns) of coadds this process saw decode in full: a Spark worker checks a file once
+
+def cached_brick_problem(cache_uri:str, brick:str, decoder:IsolatedDecoder, timeout_s:float|None=None, bands=BANDS)->str|None:
+    "Why the cached coadds of `brick` must not be read (marked bad by phase 4b, or failing a full decode in a child process); None if fine."
+    root, advice = local_path(cache_uri), f'fetch it again with `dhs cache --bricks {brick} --base-uri SURVEY_ROOT --cache {cache_uri}`'
+    report_path = root/'cache_report.parquet'
+    report, verify = _cache_report(str(root), report_path.stat().st_mtime_ns) if report_path.exists() else ({}, '')
+    rels = brick_coadd_relpaths(brick, bands)
+    for rel in rels:
+        status, _, error = report.get(rel, (None, -1, None))
+        if status in ('failed', 'missing'): return f'marked {status} by dhs cache: {error}; {advice}'
+    for rel in rels:
+        p, (status, size, _) = root/rel, report.get(rel, (None, -1, None))
+        if not p.exists(): continue                    # BrickImages names a missing file
+        st = p.stat()
+        if verify == 'size+fits' and status in ('copied', 'skipped') and size == st.st_size: continue   # decoded in full by phase 4b
+        if _DECODED.get(str(p)) == (st.st_size, st.st_mtime_ns): continue
+        why = decoder.check(p, timeout_s)
+        if why: return f'{why}; {advice}'
+        _DECODED[str(p)] = (st.st_size, st.st_mtime_ns)
+    return None
+
 def run_group(tasks:pd.DataFrame, cfg:InjectConfig, dest:str|None=None)->pd.DataFrame:
     "Make the stamps of one brick group (one BrickImages per brick) and write them to `dest`; returns per-task status."
     t0, rows, results = time.time(), [], []
-    for brick, bt in tasks.sort_values(['brickname', 'task_id']).groupby('brickname', sort=True):
-        recs = bt.to_dict('records')
-        try: bi = BrickImages(cfg.cache_uri, brick)
-        except (SurveyFileError, OSError, ValueError) as e:
-            rows += recs; results += [_failed(t, f'brick: {e}', cfg.stamp_size) for t in recs]; continue
-        bpsf = brick_psf_inputs(cfg.cache_uri, brick, cfg)
-        with bi:
-            for t in recs: rows.append(t); results.append(_inject(t, bi, cfg, bpsf))
+    with IsolatedDecoder(cfg.decode_timeout_s) as decoder:   # its child process starts only for coadds phase 4b did not check
+        for brick, bt in tasks.sort_values(['brickname', 'task_id']).groupby('brickname', sort=True):
+            recs = bt.to_dict('records')
+            try:
+                bad = cached_brick_problem(cfg.cache_uri, brick, decoder, cfg.decode_timeout_s)
+                if bad: raise SurveyFileError(bad)
+                bi = BrickImages(cfg.cache_uri, brick)
+            except (SurveyFileError, OSError, ValueError) as e:
+                rows += recs; results += [_failed(t, f'brick: {e}', cfg.stamp_size) for t in recs]; continue
+            bpsf = brick_psf_inputs(cfg.cache_uri, brick, cfg)
+            with bi:
+                for t in recs: rows.append(t); results.append(_inject(t, bi, cfg, bpsf))
     if dest is not None: write_stamp_table(stamp_table(rows, results, cfg), dest, config=cfg, phase='inject')
     return pd.DataFrame(dict(task_id=[t['task_id'] for t in rows], brickname=[t['brickname'] for t in rows],
                              cutout_ok=[m['cutout_ok'] for _, m, _ in results],
                              failure_reason=[m['failure_reason'] for _, m, _ in results], seconds=time.time() - t0))
+
+# %% ../nbs/24_inject.ipynb
+def stamp_inject_config(stamps, **overrides)->InjectConfig:
+    "The `InjectConfig` a stamp table was made with (its Parquet provenance), keys this version does not know dropped, then `overrides`."
+    from dhs.tables import table_provenance
+    files = [str(stamps)] if str(stamps).endswith('.parquet') else uri_glob(uri_join(stamps, '*.parquet')) or uri_glob(uri_join(stamps, '*', '*.parquet'))
+    if not files: raise FileNotFoundError(f'{stamps}: no stamp table Parquet files there; give the stamps folder of phase 4c')
+    prov = table_provenance(files[0]).get('config') or {}
+    if not prov and not overrides.get('cache_uri'):
+        raise ValueError(f'{files[0]}: no phase 4c configuration in its provenance (not written by dhs inject); give the cache it was made from')
+    known = {f for f in InjectConfig.__dataclass_fields__}
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in prov.items() if k in known}
+    return replace(InjectConfig(**cfg), **{k: v for k, v in overrides.items() if v not in (None, '')})
+
+def psf_variants(rows:pd.DataFrame, # injection rows of a stamp table (or manifest rows): every manifest column
+                 cfg:InjectConfig,  # how they were made (`stamp_inject_config`); cfg.psf_model is ignored
+                 models=PSF_MODELS)->dict:
+    "The rows made again from the cache through each PSF model: images {model: (n, 3, N, N) float32, NaN where a row failed}, psf_source_r {model: list}."
+    n, N = len(rows), cfg.stamp_size
+    images = {m: np.full((n, 3, N, N), np.nan, np.float32) for m in models}
+    source = {m: [''] * n for m in models}
+    pos = {t: j for j, t in enumerate(rows['task_id'])}
+    for brick, bt in rows.groupby('brickname', sort=True):
+        with BrickImages(cfg.cache_uri, brick) as bi:
+            for m in models:
+                cm = replace(cfg, psf_model=m)
+                bpsf = brick_psf_inputs(cfg.cache_uri, brick, cm)
+                for t in bt.to_dict('records'):
+                    stamp, met, _ = _inject(t, bi, cm, bpsf)
+                    j = pos[t['task_id']]
+                    images[m][j], source[m][j] = stamp, met.get('psf_source_r') or ''
+    return dict(images=images, psf_source_r=source)
 
 # %% ../nbs/24_inject.ipynb
 class InjectionFailedError(RuntimeError):
@@ -453,8 +496,23 @@ def _run_groups(spark, uri:str, cfg:InjectConfig, stamps_uri:str, groups:dict, t
     return tasks.repartition(len(todo), '_pkey').drop('_pkey').mapInArrow(fn, _spark_schema(STATUS_SCHEMA)).collect()
 
 # %% ../nbs/24_inject.ipynb
-def run_inject(cfg:InjectConfig, spark=None)->dict:
-    "Phase 4c: the stamps of every manifest task, written under `cfg.out_uri`/stamps; a summary dict."
+INJECT_IGNORE = ('out_uri', 'manifest_uri', 'max_fail_frac', 'tasks_per_file', 'decode_timeout_s')  # no effect on a stamp (or checked apart)
+
+def _discard(cfg:InjectConfig):
+    "Remove the stamps and reports of an earlier run (`--force`)."
+    import fsspec
+    fs, root = fsspec.core.url_to_fs(str(cfg.out_uri))
+    for pattern in ('stamps/part-*.parquet', 'stamps/.part-*.part', 'inject_summary.json', 'inject_failures.json'):
+        for p in fs.glob(root.rstrip('/') + '/' + pattern): fs.rm(p)
+
+def run_inject(cfg:InjectConfig, spark=None, force:bool=False)->dict:
+    "Phase 4c: the stamps of every manifest task under `cfg.out_uri`/stamps; a summary dict. `spark`: a session or a function making one."
+    uri = tasks_uri(cfg.manifest_uri)
+    with claim_output(cfg.out_uri, 'inject', cfg, {'manifest': fingerprint(uri)}, force, INJECT_IGNORE) as claim:   # before Spark starts
+        if claim.forced: _discard(cfg)
+        return _run_inject(cfg, spark() if callable(spark) else spark)
+
+def _run_inject(cfg:InjectConfig, spark=None)->dict:
     from dhs.spark import get_spark, spark_info
     t0, spark = time.time(), spark or get_spark()
     uri, stamps_uri = tasks_uri(cfg.manifest_uri), uri_join(cfg.out_uri, 'stamps')
@@ -522,35 +580,41 @@ def bench_inject_job(cfg:InjectConfig, spark=None, n_tasks:int|None=1000, proces
 
 # %% ../nbs/24_inject.ipynb
 def _parser()->argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='dhs inject', description='phase 4c: cut stamps, inject lensed sources, measure them (Spark)')
+    ap = ArgumentParser(prog='dhs inject', description='Phase 4c: cut a g,r,z stamp around the host of every manifest task from the '
+                        'cached coadds, add its lensed source (SIE + shear, rendered with the PSF model; controls get shadow '
+                        'parameters only), measure arc S/N and lensing metrics, and write the stamp table (Spark). Resumable.')
     ap.add_argument('--manifest', required=True, help='phase 4a tasks Parquet (or the manifest folder holding tasks/)')
-    ap.add_argument('--cache', required=True, help='coadd root laid out like DR10 (local)')
+    ap.add_argument('--cache', required=True, help='coadd root laid out like DR10 (local), filled by dhs cache')
     ap.add_argument('--out', required=True, help='output folder (stamps/part-*.parquet, inject_summary.json)')
-    ap.add_argument('--psf', default='survey', choices=list(PSF_MODELS), help="PSF of the injections: survey (the brick's coadd PSF from dhs cache; a Moffat of psfsize where a brick has none), or a Gaussian or Moffat of psfsize")
+    ap.add_argument('--psf-model', aliases=['--psf'], default='survey', choices=list(PSF_MODELS), help="PSF of the injections: survey (the brick's coadd PSF from dhs cache; a Moffat of psfsize where a brick has none), or a Gaussian or Moffat of psfsize (default survey)")
     ap.add_argument('--no-shot-noise', dest='shot_noise', action='store_false', help="leave out the arc's Poisson noise (on by default, as on the sky's objects)")
-    ap.add_argument('--g-eff', type=float, nargs=3, default=DECAM_G_EFF, metavar=('G', 'R', 'Z'), help='electrons per nanomaggy')
-    ap.add_argument('--encoding', default='fast', choices=['fast', 'npz'], help='npz also writes the seed\'s stamp_npz')
+    ap.add_argument('--g-eff', type=positive, nargs=3, default=DECAM_G_EFF, metavar=('G', 'R', 'Z'), help="electrons per nanomaggy per band where a brick's ccds table does not give them")
+    ap.add_argument('--encoding', default='fast', choices=['fast', 'npz'], help='npz also writes the seed\'s stamp_npz (default fast)')
     ap.add_argument('--write-masks', action='store_true', help='also write invvar and maskbits stamps')
-    ap.add_argument('--template-bank', default='hdf', help="'hdf' or a TemplateBank .npz path")
-    ap.add_argument('--supersample', type=int, default=None, help='renderer rays per pixel and axis (default: adaptive)')
-    ap.add_argument('--max-fail-frac', type=float, default=0.01, help='fail the run above this fraction of failed rows')
-    ap.add_argument('--tasks-per-file', type=int, default=1000, help='target rows per output file (whole bricks)')
+    ap.add_argument('--template-bank', default='hdf', help="'hdf' (built in) or a TemplateBank .npz path")
+    ap.add_argument('--supersample', type=positive_int, default=None, help='renderer rays per pixel and axis (default: adaptive)')
+    ap.add_argument('--max-fail-frac', type=fraction, default=0.01, help='fail the run above this fraction of failed rows (default 0.01)')
+    ap.add_argument('--tasks-per-file', type=positive_int, default=1000, help='target rows per output file, whole bricks (default 1000)')
+    ap.add_argument('--decode-timeout', type=positive, default=DECODE_TIMEOUT_S,
+                    help=f'longest full decode of a coadd dhs cache did not check, in a child process [s] (default {DECODE_TIMEOUT_S:g})')
+    ap.add_argument('--force', action='store_true', help='discard an output folder written with other settings or another manifest')
     ap.add_argument('--master', default=None, help='Spark master (default: local[*], or the session of spark-submit)')
-    ap.add_argument('--bench', type=int, default=0, metavar='N', help='instead of a run: time the bare loop and the Spark job on ~N tasks')
-    ap.add_argument('--bench-processes', type=int, default=2, help='processes of the bare loop in --bench')
+    ap.add_argument('--bench', type=nonneg_int, default=0, metavar='N', help='instead of a run: time the bare loop and the Spark job on ~N tasks')
+    ap.add_argument('--bench-processes', type=positive_int, default=2, help='processes of the bare loop in --bench (default 2)')
     return ap
 
 def main(argv:list|None=None)->int:
     "`dhs inject`: phase 4c on Spark (or `--bench N`: bare loop vs Spark job)."
     a = _parser().parse_args(argv)
-    cfg = InjectConfig(manifest_uri=a.manifest, cache_uri=a.cache, out_uri=a.out, psf_model=a.psf, shot_noise=a.shot_noise,
+    cfg = InjectConfig(manifest_uri=a.manifest, cache_uri=a.cache, out_uri=a.out, psf_model=a.psf_model, shot_noise=a.shot_noise,
                        g_eff=tuple(a.g_eff), encoding=a.encoding, write_masks=a.write_masks, template_bank=a.template_bank,
-                       supersample=a.supersample, max_fail_frac=a.max_fail_frac, tasks_per_file=a.tasks_per_file)
+                       supersample=a.supersample, max_fail_frac=a.max_fail_frac, tasks_per_file=a.tasks_per_file,
+                       decode_timeout_s=a.decode_timeout)
     from dhs.spark import get_spark, SparkConfig
-    spark = get_spark(SparkConfig(master=a.master) if a.master else None)
+    spark = lambda: get_spark(SparkConfig(master=a.master) if a.master else None)   # started once the output folder is ours
     if a.bench:
-        print(json.dumps(bench_inject_job(cfg, spark, a.bench, a.bench_processes, str(Path(a.out)/'bench'), log=print), indent=1)); return 0
-    try: s = run_inject(cfg, spark)
+        print(json.dumps(bench_inject_job(cfg, spark(), a.bench, a.bench_processes, str(Path(a.out)/'bench'), log=print), indent=1)); return 0
+    try: s = run_inject(cfg, spark, a.force)
     except InjectionFailedError as e:
         print(f'dhs inject: FAILED\n{e}', file=sys.stderr); return 1
     print(json.dumps({k: s[k] for k in ('n_rows', 'n_failed', 'failed_fraction', 'reasons', 'n_groups', 'groups_skipped', 'seconds')}, indent=1))

@@ -4,20 +4,22 @@
 
 # %% ../nbs/21_manifest.ipynb 1
 from __future__ import annotations
-import argparse, itertools, json, time
+import itertools, json, time
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from .core import write_parquet, with_metadata, task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join
+from .guard import (ArgumentParser, check_config, claim_output, fingerprint, fraction, nonneg, one_of, positive_int,
+                       power_of_two, proper_fraction, split_fractions, Check)
 from .lensing import Lens, shear_from_polar, sample_source_position
 from .sources import tractor_shape_to_q_phi, ellipticity_to_q, draw_source_colours
 from .survey import depth5_mag
 from .psf import theta_e_over_psfsize
 
 # %% auto 0
-__all__ = ['GRIDS', 'REALISTIC', 'SPLITS', 'BIN_COLUMNS', 'PARAM_SCHEMA', 'grid_configs', 'DrawConfig', 'draw_task',
-           'healpix_region', 'assign_splits', 'assign_bins', 'control_plan', 'ManifestConfig', 'run_manifest',
-           'parse_source_kinds', 'main']
+__all__ = ['GRIDS', 'REALISTIC', 'SPLITS', 'BIN_COLUMNS', 'PARAM_SCHEMA', 'MANIFEST_IGNORE', 'grid_configs', 'DrawConfig',
+           'draw_task', 'healpix_region', 'assign_splits', 'assign_bins', 'control_plan', 'ManifestConfig',
+           'run_manifest', 'parse_source_kinds', 'main']
 
 # %% ../nbs/21_manifest.ipynb
 GRIDS = {
@@ -47,6 +49,14 @@ class DrawConfig:
     source_kinds:dict = field(default_factory=lambda: {'sersic': 1.0})  # kind -> fraction (sersic, clumpy, template)
     n_templates_train:int = 0         # template ids usable in train/val (0: no template sources)
     n_templates_test:int = 0          # template ids usable in test (a disjoint set)
+
+    def __post_init__(self):
+        kinds = Check('kind -> fraction of sersic, clumpy, template, fractions >= 0 and not all 0',
+                      ok=lambda d: isinstance(d, dict) and d and set(d) <= {'sersic', 'clumpy', 'template'}
+                                   and all(nonneg(v) >= 0 for v in d.values()) and sum(d.values()) > 0)
+        check_config(self, grid=one_of(*GRIDS, 'realistic'), lens_shape=one_of('host', 'uniform'), lens_q_min=fraction,
+                     source_kinds=kinds, n_templates_train=Check('an integer >= 0', int, lambda v: v >= 0),
+                     n_templates_test=Check('an integer >= 0', int, lambda v: v >= 0))
 
 # %% ../nbs/21_manifest.ipynb
 def _draw_config(rng, grid:str)->tuple[str, dict]:
@@ -131,8 +141,9 @@ def assign_bins(values, edges)->np.ndarray:
 # %% ../nbs/21_manifest.ipynb
 def control_plan(task_id:str, salt:str, control_frac:float, unpaired_frac:float, cell_size:int, own_idx:int)->list[tuple]:
     "Controls of one positive: `(control_task_id, kind, target index in the cell or -1)`."
+    if not 0 <= control_frac < 1: raise ValueError(f'control_frac={control_frac}: a fraction of the tasks in [0, 1) is needed')
     rng = task_rng(task_id, salt + ':controls')
-    per = control_frac / max(1e-12, 1 - control_frac)
+    per = control_frac / (1 - control_frac)
     n = int(per) + int(rng.random() < per - int(per))
     out = []
     for k in range(n):
@@ -162,6 +173,10 @@ class ManifestConfig:
     exclude_known_lenses:bool = True        # leave hosts near a lenscat lens out of the manifest
     extra_negatives_uri:str = ''            # hard negatives (from evaluation) to add as controls
     partitions:int = 8                      # Spark partitions of the host table
+
+    def __post_init__(self):
+        check_config(self, tasks_per_host=positive_int, control_frac=proper_fraction, unpaired_frac=fraction, nside=power_of_two,
+                     split_fractions=split_fractions, min_theta_over_psf=nonneg, partitions=positive_int)
 
 # %% ../nbs/21_manifest.ipynb
 def _host_bins(spark, hosts, cfg:ManifestConfig):
@@ -265,8 +280,15 @@ def _extra_negatives(spark, cfg:ManifestConfig, hosts, splits:dict):
                                        'host_id string, region_split string, replicate int')
 
 # %% ../nbs/21_manifest.ipynb
-def run_manifest(cfg:ManifestConfig, spark=None)->dict:
-    "Phase 4a: the injection manifest of the parent sample at `cfg.parent_uri`, written to `cfg.out_uri`."
+MANIFEST_IGNORE = ('out_uri', 'parent_uri', 'extra_negatives_uri', 'splits_uri', 'partitions')  # paths (fingerprinted instead) and tuning
+
+def run_manifest(cfg:ManifestConfig, spark=None, force:bool=False)->dict:
+    "Phase 4a: the injection manifest of the parent sample at `cfg.parent_uri`, written to `cfg.out_uri` (`spark`: a session or a function making one)."
+    inputs = {k: fingerprint(u) for k, u in (('parent', cfg.parent_uri), ('extra_negatives', cfg.extra_negatives_uri), ('splits', cfg.splits_uri)) if u}
+    with claim_output(cfg.out_uri, 'manifest', cfg, inputs, force, MANIFEST_IGNORE):   # before Spark: a busy folder is refused at once
+        return _run_manifest(cfg, spark() if callable(spark) else spark)
+
+def _run_manifest(cfg:ManifestConfig, spark=None)->dict:
     from pyspark.sql import functions as F, Window
     from dhs.spark import get_spark
     t0, spark = time.time(), spark or get_spark()
@@ -325,35 +347,36 @@ def parse_source_kinds(text:str)->dict:
 # %% ../nbs/21_manifest.ipynb
 def main(argv:list|None=None)->int:
     "`dhs manifest`: phase 4a, injection tasks with controls and region-disjoint splits (Spark)."
-    ap = argparse.ArgumentParser(prog='dhs manifest', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs manifest', description='Phase 4a: draw the injection tasks of a parent sample (a grid point or a '
+                        'continuous draw per task, with its own seed), add paired and unpaired controls, and assign HEALPix '
+                        'sky regions to train/val/test once and for all (Spark).')
     ap.add_argument('--parent', required=True, help='phase 3 hosts (the Parquet folder <parent out>/hosts)')
-    ap.add_argument('--out', required=True, help='output folder')
-    ap.add_argument('--experiment', default='mock-v4', help='experiment id: names tasks and salts their seeds')
-    ap.add_argument('--grid', default='v4_sota', choices=sorted(GRIDS) + ['realistic'])
-    ap.add_argument('--tasks-per-host', type=int, default=1)
-    ap.add_argument('--control-frac', type=float, default=0.5)
-    ap.add_argument('--unpaired-frac', type=float, default=0.5)
-    ap.add_argument('--nside', type=int, default=64)
-    ap.add_argument('--split-fractions', type=float, nargs=3, default=(0.7, 0.15, 0.15))
-    ap.add_argument('--min-theta-over-psf', type=float, default=0.0)
-    ap.add_argument('--lens-shape', default='host', choices=['host', 'uniform'])
-    ap.add_argument('--source-kinds', default='sersic:1', help='kind:fraction,... of sersic, clumpy, template')
+    ap.add_argument('--out', required=True, help='output folder: tasks/, splits.parquet, manifest_summary.json')
+    ap.add_argument('--experiment', default='mock-v4', help='experiment id: names tasks and salts their seeds (default mock-v4)')
+    ap.add_argument('--grid', default='v4_sota', choices=sorted(GRIDS) + ['realistic'], help='injection-parameter grid (default v4_sota)')
+    ap.add_argument('--tasks-per-host', type=positive_int, default=1, help='injected tasks (replicates) per host (default 1)')
+    ap.add_argument('--control-frac', type=proper_fraction, default=0.5, help='fraction of all tasks that are controls, in [0, 1) (default 0.5)')
+    ap.add_argument('--unpaired-frac', type=fraction, default=0.5, help='fraction of controls placed on another, matched host (default 0.5)')
+    ap.add_argument('--nside', type=power_of_two, default=64, help='HEALPix nside of the split regions, a power of two (default 64)')
+    ap.add_argument('--split-fractions', type=fraction, nargs=3, default=(0.7, 0.15, 0.15), metavar=('TRAIN', 'VAL', 'TEST'),
+                    help='host fractions of train, val and test, summing to 1 (default 0.7 0.15 0.15)')
+    ap.add_argument('--min-theta-over-psf', type=nonneg, default=0.0, help='keep tasks with theta_E / psfsize_r at least this, both classes (default 0)')
+    ap.add_argument('--lens-shape', default='host', choices=['host', 'uniform'], help="lens q and angle: the host's light (host) or uniform")
+    ap.add_argument('--source-kinds', default='sersic:1', help='kind:fraction,... of sersic, clumpy, template (default sersic:1)')
     ap.add_argument('--extra-negatives', default='', help='hard-negative table (host_id, region_split) to add as controls')
+    ap.add_argument('--force', action='store_true', help='rewrite an output folder written with other settings (its splits are kept)')
     ap.add_argument('--master', default=None, help='Spark master (default: local[*], or the session of spark-submit)')
-    a = ap.parse_args(argv)
+    a = ap.check(ap.parse_args(argv), split_fractions=split_fractions)
     kinds = parse_source_kinds(a.source_kinds)
-    n_train = n_test = 0
-    if 'template' in kinds:
-        from dhs.templates import hdf_template_bank
-        bank = hdf_template_bank()
-        n_train, n_test = len(bank.split_ids('train')), len(bank.split_ids('test'))
     cfg = ManifestConfig(parent_uri=a.parent, out_uri=a.out, experiment_id=a.experiment, tasks_per_host=a.tasks_per_host,
                          control_frac=a.control_frac, unpaired_frac=a.unpaired_frac, nside=a.nside,
                          split_fractions=tuple(a.split_fractions), min_theta_over_psf=a.min_theta_over_psf,
-                         extra_negatives_uri=a.extra_negatives,
-                         draw=DrawConfig(grid=a.grid, lens_shape=a.lens_shape, source_kinds=kinds,
-                                         n_templates_train=n_train, n_templates_test=n_test))
+                         extra_negatives_uri=a.extra_negatives, draw=DrawConfig(grid=a.grid, lens_shape=a.lens_shape, source_kinds=kinds))
+    if 'template' in kinds:   # only once every argument is known to be good
+        from dhs.templates import hdf_template_bank
+        bank = hdf_template_bank()
+        cfg.draw.n_templates_train, cfg.draw.n_templates_test = len(bank.split_ids('train')), len(bank.split_ids('test'))
     from dhs.spark import get_spark, SparkConfig
-    s = run_manifest(cfg, get_spark(SparkConfig(master=a.master) if a.master else None))
+    s = run_manifest(cfg, lambda: get_spark(SparkConfig(master=a.master) if a.master else None), a.force)
     print(json.dumps({k: s[k] for k in ('n_parent', 'n_hosts', 'n_tasks', 'by_split', 'seconds')}, indent=1))
     return 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_mocksky.ipynb 1
 from __future__ import annotations
-import argparse, hashlib, json, math, multiprocessing, time
+import hashlib, json, math, multiprocessing, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,15 +257,18 @@ def mock_sky_config(size:str='mock', **overrides)->MockSkyConfig:
 
 # %% ../nbs/05_mocksky.ipynb
 def main(argv:list|None=None)->int:
-    "`dhs mock-sky --out DIR [--size S] [--bricks N] [--brick-pixels P] [--seed S] [--lenses L] [--workers W]`."
-    ap = argparse.ArgumentParser(prog='dhs mock-sky', description='Write a mock DR10 sky (bricks, sweeps, coadds, truth) to a folder.')
+    "`dhs mock-sky --out DIR [--size S] [--n-bricks N] [--brick-pixels P] [--seed S] [--n-lenses L] [--num-workers W]`."
+    from dhs.guard import ArgumentParser, integer, nonneg_int, positive_int
+    ap = ArgumentParser(prog='dhs mock-sky', description='Write a mock DR10 sky to a folder, in DR10\'s own formats and layout: '
+                        'survey-bricks.fits.gz, sweeps, tile-compressed coadds (image, invvar, psfsize, maskbits) with LRG hosts, '
+                        'field galaxies, stars, lens-like contaminants and a few true lenses, and the truth table.')
     ap.add_argument('--out', required=True, metavar='DIR', help='output folder (the survey base URI of later phases)')
     ap.add_argument('--size', default='mock', choices=sorted(MOCK_SIZES), help='named size (default: mock)')
-    ap.add_argument('--bricks', type=int, dest='n_bricks', metavar='N', help='number of bricks (lens bricks included)')
-    ap.add_argument('--brick-pixels', type=int, dest='brick_pixels', metavar='P', help='brick side P [pixels], < 3600')
-    ap.add_argument('--seed', type=int, metavar='S', help='sky seed (default 0)')
-    ap.add_argument('--lenses', type=int, dest='n_lenses', metavar='L', help='number of lenscat lenses rendered as true lenses')
-    ap.add_argument('--workers', type=int, dest='n_workers', metavar='W', help='worker processes (default 2)')
-    a = vars(ap.parse_args(argv))
+    ap.add_argument('--n-bricks', aliases=['--bricks'], type=positive_int, dest='n_bricks', metavar='N', help='number of bricks (lens bricks included)')
+    ap.add_argument('--brick-pixels', type=positive_int, dest='brick_pixels', metavar='P', help='brick side P [pixels], < 3600')
+    ap.add_argument('--seed', type=integer, metavar='S', help='sky seed (default 0)')
+    ap.add_argument('--n-lenses', aliases=['--lenses'], type=nonneg_int, dest='n_lenses', metavar='L', help='number of lenscat lenses rendered as true lenses')
+    ap.add_argument('--num-workers', aliases=['--workers'], type=positive_int, dest='n_workers', metavar='W', help='worker processes (default 2)')
+    a = vars(ap.parse_args(argv)); a.pop('debug')
     generate_mock_sky(mock_sky_config(a.pop('size'), **a))
     return 0

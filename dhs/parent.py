@@ -4,18 +4,19 @@
 
 # %% ../nbs/20_parent.ipynb 1
 from __future__ import annotations
-import argparse, hashlib, json, sys, time, warnings
+import hashlib, json, sys, time, warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from .core import provenance, write_json, uri_join, local_copy, uri_glob
 from .sources import nmgy_to_mag
+from .guard import ArgumentParser, check_config, claim_output, fraction, nonneg, nonneg_int, one_of
 
 # %% auto 0
-__all__ = ['SELECTIONS', 'READ_COLUMNS', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south', 'desi_lrg_cuts',
-           'seed_v3_cuts', 'apply_selection', 'known_lenses', 'flag_known_lenses', 'host_table', 'process_sweep',
-           'ParentConfig', 'list_sweeps', 'run_parent', 'main']
+__all__ = ['SELECTIONS', 'READ_COLUMNS', 'PARENT_IGNORE', 'dered_mag', 'sweep_mags', 'lrg_south_cuts', 'desi_lrg_south',
+           'desi_lrg_cuts', 'seed_v3_cuts', 'apply_selection', 'known_lenses', 'flag_known_lenses', 'host_table',
+           'as_dr10_types', 'process_sweep', 'ParentConfig', 'list_sweeps', 'run_parent', 'main']
 
 # %% ../nbs/20_parent.ipynb
 def dered_mag(flux, transmission):
@@ -170,14 +171,32 @@ def _read_any(uri:str, columns:list, storage_options:dict|None=None)->pd.DataFra
     from dhs.survey import read_sweep
     with local_copy(uri, '.fits', storage_options) as path: return read_sweep(path, columns=columns)
 
+def as_dr10_types(df:pd.DataFrame, where:str)->pd.DataFrame:
+    "Sweep columns cast to their DR10 dtypes; `SurveyFileError` naming `where` and each column whose values are of another kind."
+    from dhs.survey import SWEEP_COLUMNS, SurveyFileError
+    want, out, bad = {n: np.dtype(t).newbyteorder('=') for n, t in SWEEP_COLUMNS}, {}, []
+    for c in df.columns:
+        w, have = want.get(c), df[c].dtype
+        if w is None: out[c] = df[c]; continue
+        text = have.kind in 'OSU' and df[c].map(lambda v: isinstance(v, str)).all()
+        ok = text if w.kind == 'S' else have.kind in ('iu' if w.kind in 'iu' else 'iuf')
+        if not ok: bad.append(f"{c} holds {'text' if text else have.name} values where a DR10 sweep has {'text' if w.kind == 'S' else w.name}")
+        out[c] = df[c] if w.kind == 'S' or not ok else df[c].astype(w)
+    if bad: raise SurveyFileError(f'{where}: column ' + '; column '.join(bad) + ': not a DR10 sweep (or a damaged one); '
+                                  're-download it, or leave it out with --sweep-files')
+    return pd.DataFrame(out, index=df.index)
+
 def process_sweep(uri:str, selection:str, lenses:pd.DataFrame, radius_arcsec:float,
                   storage_options:dict|None=None)->tuple[pd.DataFrame|None, dict]:
-    "Hosts selected from one sweep file and a record (counts after each cut, or the error)."
+    "Hosts selected from one sweep file and a record (counts after each cut, or the error naming the file)."
     name = uri.rstrip('/').rsplit('/', 1)[-1]
-    try: df = _read_any(uri, READ_COLUMNS, storage_options)
-    except Exception as e: return None, dict(file=uri, status='error', error=f'{type(e).__name__}: {e}'[:1000])
-    keep, counts = apply_selection(df, selection)
-    return host_table(df[keep], lenses, radius_arcsec, name), dict(file=uri, status='ok', counts=dict(counts))
+    error = lambda e: (None, dict(file=uri, status='error', error=f'{type(e).__name__}: {e}'[:1000]))
+    try: df = as_dr10_types(_read_any(uri, READ_COLUMNS, storage_options), uri)
+    except Exception as e: return error(e)
+    try:
+        keep, counts = apply_selection(df, selection)
+        return host_table(df[keep], lenses, radius_arcsec, name), dict(file=uri, status='ok', counts=dict(counts))
+    except (TypeError, ValueError, KeyError) as e: return error(e)   # values a sweep should not hold
 
 # %% ../nbs/20_parent.ipynb
 @dataclass
@@ -193,13 +212,17 @@ class ParentConfig:
     partitions:int = 0                 # Spark partitions for the file list (0: one per file, at most 1000)
     storage_options:dict = field(default_factory=dict)  # fsspec options for remote URIs (e.g. s3 endpoint)
 
+    def __post_init__(self):
+        check_config(self, selection=one_of(*SELECTIONS), on_bad_file=one_of('skip', 'fail'), max_bad_fraction=fraction,
+                     lens_radius_arcsec=nonneg, partitions=nonneg_int)
+
 # %% ../nbs/20_parent.ipynb
 def list_sweeps(cfg:ParentConfig)->list[str]:
     "Sweep files to read: `cfg.sweep_files`, else those matching `cfg.sweep_glob` under `cfg.sky_uri`."
     if cfg.sweep_files: return list(cfg.sweep_files)
     pattern = uri_join(cfg.sky_uri, cfg.sweep_glob)
     files = uri_glob(pattern, cfg.storage_options)
-    if not files: raise FileNotFoundError(f'no sweep files match {pattern}; check --sky (a DR10 root holding {cfg.sweep_glob})')
+    if not files: raise FileNotFoundError(f'no sweep files match {pattern}; check --base-uri (a DR10 root holding {cfg.sweep_glob})')
     return files
 
 # %% ../nbs/20_parent.ipynb
@@ -209,10 +232,10 @@ def _check_bad_files(records:list[dict], cfg:ParentConfig):
     if not bad: return
     lines = '\n'.join(f"  {r['file']}: {r['error']}" for r in bad[:20])
     frac = len(bad) / len(records)
-    if cfg.on_bad_file == 'fail' or frac > cfg.max_bad_fraction:
-        raise RuntimeError(f'{len(bad)} of {len(records)} sweep files could not be read '
-                           f'({frac:.1%}; on_bad_file={cfg.on_bad_file}, max_bad_fraction={cfg.max_bad_fraction}):\n{lines}\n'
-                           'Re-download them, or drop them with --sweep-files.')
+    if cfg.on_bad_file == 'fail' or frac > cfg.max_bad_fraction:   # one line: the first files and why
+        named = '; '.join(f"{r['file']}: {r['error']}" for r in bad[:3]) + (f'; and {len(bad) - 3} more' if len(bad) > 3 else '')
+        raise RuntimeError(f'{len(bad)} of {len(records)} sweep files could not be read ({frac:.1%}; on_bad_file={cfg.on_bad_file}, '
+                           f'max_fail_frac={cfg.max_bad_fraction}): {named}. Re-download them, or leave them out with --sweep-files.')
     print(f'[dhs parent] skipped {len(bad)} unreadable sweep file(s):\n{lines}', file=sys.stderr)
 
 # %% ../nbs/20_parent.ipynb
@@ -224,8 +247,14 @@ def _output_schema(spark, lenses, cfg):
     example['_record'] = ''
     return spark.createDataFrame(example).schema
 
-def run_parent(cfg:ParentConfig, spark=None)->dict:
-    "Phase 3: select the parent sample from the sweeps of `cfg.sky_uri` into `cfg.out_uri`; returns the summary."
+PARENT_IGNORE = ('out_uri', 'partitions', 'on_bad_file', 'max_bad_fraction', 'storage_options')   # no effect on a host row
+
+def run_parent(cfg:ParentConfig, spark=None, force:bool=False)->dict:
+    "Phase 3: select the parent sample from the sweeps of `cfg.sky_uri` into `cfg.out_uri`; the summary. `spark`: a session or a function making one."
+    with claim_output(cfg.out_uri, 'parent', cfg, {}, force, PARENT_IGNORE, storage_options=cfg.storage_options):   # before Spark starts
+        return _run_parent(cfg, spark() if callable(spark) else spark)
+
+def _run_parent(cfg:ParentConfig, spark=None)->dict:
     from dhs.spark import get_spark
     t0, spark = time.time(), spark or get_spark()
     files = list_sweeps(cfg)
@@ -272,21 +301,25 @@ def _summarise(cfg, files, records, n_hosts, lens_prov, hosts, seconds)->dict:
 # %% ../nbs/20_parent.ipynb
 def main(argv:list|None=None)->int:
     "`dhs parent`: phase 3, the LRG parent sample from DR10 sweeps (Spark)."
-    ap = argparse.ArgumentParser(prog='dhs parent', description=main.__doc__)
-    ap.add_argument('--sky', required=True, help='DR10 root: local folder, https:// or s3:// (holds south/sweep/10.1)')
-    ap.add_argument('--out', required=True, help='output folder (Parquet)')
-    ap.add_argument('--selection', default='desi_lrg', choices=sorted(SELECTIONS))
-    ap.add_argument('--sweep-files', nargs='*', default=[], help='explicit sweep files instead of all under --sky')
-    ap.add_argument('--on-bad-file', default='skip', choices=['skip', 'fail'])
-    ap.add_argument('--max-bad-fraction', type=float, default=0.05)
-    ap.add_argument('--lens-radius', type=float, default=5.0, help='flag hosts within this many arcsec of a lenscat lens')
+    ap = ArgumentParser(prog='dhs parent', description='Phase 3: read DR10 sweep catalogues (local, https or s3), keep the luminous '
+                        'red galaxies of a selection (the DESI LRG cuts by default), flag hosts near a lenscat lens, and write the '
+                        'parent sample with the count left after every cut (Spark).')
+    ap.add_argument('--base-uri', aliases=['--sky'], dest='sky', required=True,
+                    help='DR10 root: local folder, https:// or s3:// (holds south/sweep/10.1)')
+    ap.add_argument('--out', required=True, help='output folder: hosts/ (Parquet), parent_summary.json')
+    ap.add_argument('--selection', default='desi_lrg', choices=sorted(SELECTIONS), help='LRG cuts (default desi_lrg)')
+    ap.add_argument('--sweep-files', nargs='*', default=[], help='explicit sweep files instead of all under --base-uri')
+    ap.add_argument('--on-bad-file', default='skip', choices=['skip', 'fail'], help='an unreadable sweep file is skipped (and named) or stops the run')
+    ap.add_argument('--max-fail-frac', aliases=['--max-bad-fraction'], dest='max_bad_fraction', type=fraction, default=0.05,
+                    help='fail the run when more than this fraction of the sweep files is unreadable (default 0.05)')
+    ap.add_argument('--lens-radius', type=nonneg, default=5.0, help='flag hosts within this many arcsec of a lenscat lens (default 5)')
+    ap.add_argument('--force', action='store_true', help='rewrite an output folder written with other settings')
     ap.add_argument('--master', default=None, help='Spark master (default: local[*], or the session of spark-submit)')
     a = ap.parse_args(argv)
     cfg = ParentConfig(sky_uri=a.sky, out_uri=a.out, selection=a.selection, sweep_files=a.sweep_files,
                        on_bad_file=a.on_bad_file, max_bad_fraction=a.max_bad_fraction, lens_radius_arcsec=a.lens_radius)
     from dhs.spark import get_spark, SparkConfig
-    spark = get_spark(SparkConfig(master=a.master) if a.master else None)
-    s = run_parent(cfg, spark)
+    s = run_parent(cfg, lambda: get_spark(SparkConfig(master=a.master) if a.master else None), a.force)
     print(json.dumps({k: s[k] for k in ('n_files', 'n_files_read', 'n_hosts', 'n_near_known_lens', 'seconds')}))
     print(json.dumps(s['counts_after_cut'], indent=1))
     return 0

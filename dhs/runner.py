@@ -4,17 +4,19 @@
 
 # %% ../nbs/03_runner.ipynb 1
 from __future__ import annotations
-import argparse, ast, datetime, json, os, sys, time
+import ast, datetime, json, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import provenance, write_json, runs_dir
+from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, list_of, nonneg, nonneg_int, number, open_fraction,
+                       optional, positive, positive_int, power_of_two, proper_fraction)
 
 # %% auto 0
-__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset', 'parse_value',
-           'parse_sets', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps',
-           'top_level_names', 'Matrix', 'ablation_variants', 'substitute_baseline', 'effective_params',
-           'first_difference', 'link_shared', 'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex',
-           'plan_variants', 'run_matrix', 'main']
+__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset',
+           'parse_value', 'parse_sets', 'parameter_defaults', 'check_param', 'check_params', 'notebook_parameters',
+           'resolve', 'ensure_kernel', 'run_preset', 'spark_apps', 'top_level_names', 'Matrix', 'ablation_variants',
+           'substitute_baseline', 'effective_params', 'first_difference', 'link_shared', 'file_states', 'compare_runs',
+           'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix', 'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
@@ -75,6 +77,61 @@ def parse_sets(items:list[str])->list[tuple]:
     return out
 
 # %% ../nbs/03_runner.ipynb
+PARAM_CHECKS = {  # phase -> parameter -> range check, beyond the type of the parameter's default
+    'mocksky': dict(n_bricks=optional(positive_int), brick_pixels=optional(positive_int), n_lenses=optional(nonneg_int), workers=positive_int),
+    'parent': dict(lens_radius_arcsec=nonneg),
+    'manifest': dict(tasks_per_host=positive_int, control_frac=proper_fraction, unpaired_frac=fraction, nside=power_of_two,
+                     min_theta_over_psf=nonneg),
+    'cache': dict(threads=positive_int),
+    'inject': dict(max_fail_frac=fraction, tasks_per_file=positive_int, gallery_per_bin=nonneg_int, bench_tasks=nonneg_int),
+    'train': dict(n_synthetic=positive_int, epochs=nonneg_int, batch_size=nonneg_int, num_workers=nonneg_int, n_models=positive_int),
+    'evaluate': dict(headline_fpr=open_fraction, min_theta_over_psf=nonneg, cl=open_fraction, n_boot=positive_int,
+                     prevalence=open_fraction, gate_max_stamps=positive_int),
+    'hardneg': dict(n_top=positive_int, target_fprs=list_of(open_fraction), finetune_epochs=nonneg_int, finetune_lr_frac=positive),
+    'search': dict(target_fprs=list_of(open_fraction), top_n=positive_int),
+}
+_UNKNOWN = object()   # a default that is no literal: any value goes
+
+def parameter_defaults(path:str|Path)->dict:
+    "Names and default values of a notebook's `parameters` cell, read without papermill (so `--set` is checked at once)."
+    nb = json.loads(Path(path).read_text())
+    cell = next((c for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', [])), None)
+    if cell is None: raise ValueError(f'{path}: no cell tagged `parameters`; add one (see nbs/runs/README.md)')
+    out = {}
+    for node in ast.parse(''.join(cell['source'])).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try: out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError: out[node.targets[0].id] = _UNKNOWN
+    return out
+
+# %% ../nbs/03_runner.ipynb
+def check_param(phase:str, name:str, value, default, text:str|None=None):
+    "`value` converted to the type of the parameter's `default` and range-checked (`PARAM_CHECKS`); `ValueError` saying why. `text`: as typed."
+    if default is _UNKNOWN: return value
+    if isinstance(default, bool): value = boolean(value)
+    elif isinstance(default, int): value = integer(value)
+    elif isinstance(default, float): value = number(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        if text is None: raise ValueError(f'{value!r} is not text')
+        value = text                                 # '0.5,2' for a text parameter stays the text typed
+    elif isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)): raise ValueError(f'{value!r} is not a list, e.g. [1, 2]')
+        value = list(value)
+    elif isinstance(default, dict) and not isinstance(value, dict): raise ValueError(f'{value!r} is not a dict')
+    check = PARAM_CHECKS.get(phase, {}).get(name)
+    return check(value) if check else value
+
+def check_params(phase:str, values:dict)->dict:
+    "The declared parameters of run notebook `phase` found in `values`, converted and checked; `InvalidInput` lists every problem."
+    defaults, out, problems = parameter_defaults(runs_dir()/PHASES[phase]), {}, []
+    for name, default in defaults.items():
+        if name not in values: continue
+        try: out[name] = check_param(phase, name, values[name], default)
+        except ValueError as e: problems.append(f'{phase}.{name}: {e} (default {default!r})')
+    if problems: raise InvalidInput('\n'.join(problems))
+    return out
+
+# %% ../nbs/03_runner.ipynb
 def notebook_parameters(path:str|Path)->dict:
     "Names and defaults (as source text) of the `parameters` cell of a notebook; every assignment must parse."
     import papermill as pm, nbformat
@@ -102,6 +159,7 @@ def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|No
     phases = p.phases if not only else [ph for ph in p.phases if ph in only]
     missing = sorted(set(only or []) - set(p.phases))
     if missing: raise ValueError(f'--only {missing}: not a phase of preset {preset!r} ({p.phases})')
+    checked = _check_sets(phases, sets or [], nb_dir)   # before papermill (or anything) starts
     plan = []
     for ph in phases:
         nb = nb_dir/PHASES[ph]
@@ -110,13 +168,28 @@ def resolve(preset:str, only:list|None=None, sets:list|None=None, nb_dir:Path|No
         params.update(p.phase_params.get(ph, {}))
         plan.append(dict(phase=ph, notebook=str(nb), params=params, declared=declared))
     if spark_master: _set_spark_master(plan, spark_master)
-    for phase, name, value in parse_sets(sets or []):
-        hits = [s for s in plan if (phase in (None, s['phase'])) and name in s['declared']]
-        if not hits: raise ValueError(f'--set {name}: no selected phase declares it'
-                                      + (f' (phase {phase!r})' if phase else '') + '; see the parameters cells in nbs/runs/')
-        for s in hits: s['params'][name] = value
+    for (phase, name, _), values in zip(parse_sets(sets or []), checked):
+        for s in plan:
+            if s['phase'] in values: s['params'][name] = values[s['phase']]
     for s in plan: del s['declared']
     return plan
+
+def _check_sets(phases:list, sets:list, nb_dir:Path)->list[dict]:
+    "For each `--set`, phase -> its value converted and checked; `InvalidInput` with one line per problem."
+    defaults = {ph: parameter_defaults(nb_dir/PHASES[ph]) for ph in phases}
+    out, problems = [], []
+    for item, (phase, name, value) in zip(sets, parse_sets(sets)):
+        hits = [ph for ph in phases if phase in (None, ph) and name in defaults[ph]]
+        if not hits:
+            problems.append(f'--set {item}: no selected phase declares it' + (f' (phase {phase!r})' if phase else '')
+                            + '; see the parameters cells in nbs/runs/'); out.append({}); continue
+        got = {}
+        for ph in hits:
+            try: got[ph] = check_param(ph, name, value, defaults[ph][name], item.split('=', 1)[1])
+            except ValueError as e: problems.append(f'--set {item}: {e} ({ph} parameter {name}, default {defaults[ph][name]!r})')
+        out.append(got)
+    if problems: raise InvalidInput('\n'.join(f'dhs run: {p}' for p in problems))
+    return out
 
 # %% ../nbs/03_runner.ipynb
 def ensure_kernel(name:str='dhs')->str:
@@ -453,7 +526,9 @@ def _write_comparison(name, m, mdir, runs, chosen, planned, common, base_dir, t0
 # %% ../nbs/03_runner.ipynb
 def main(argv:list|None=None):
     "`dhs run`: execute a preset's run notebooks (or an ablation matrix) with papermill into outputs/<run-id>/."
-    ap = argparse.ArgumentParser(prog='dhs run', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs run', description='Run a preset (default: mock): the pipeline\'s run notebooks (nbs/runs/) '
+                        'executed in order with papermill into outputs/<run-id>/, with run.json recording parameters, versions, '
+                        'timings and outputs of every phase; or an ablation matrix of such runs. --set values are checked first.')
     ap.add_argument('--preset', default='mock', help='preset name (default: mock); see --list')
     ap.add_argument('--matrix', help='run the ablation matrix NAME (a baseline and its variants) instead of one preset; see --list')
     ap.add_argument('--variants', help='with --matrix: comma-separated variants to run (default: all)')

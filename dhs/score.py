@@ -4,7 +4,7 @@
 
 # %% ../nbs/33_score.ipynb 1
 from __future__ import annotations
-import argparse, json
+import json
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 from .core import atomic_path, is_local, local_path, provenance
 from .data import Preprocess, StampDataset, prepare_batch, dihedral, index_columns
-from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs
+from .train import load_checkpoint, model_from_checkpoint, autocast_dtype, model_inputs, resolve_device, loader_kwargs, torch_load_checkpoint
+from .guard import ArgumentParser, UserError, nonneg_int, positive_int
 
 # %% auto 0
 __all__ = ['load_member', 'score_rows', 'score_table', 'write_scores', 'image_scorer', 'main']
@@ -22,7 +23,7 @@ __all__ = ['load_member', 'score_rows', 'score_table', 'write_scores', 'image_sc
 # %% ../nbs/33_score.ipynb
 def load_member(path)->dict:
     "{'model', 'arch', 'preprocess', 'meta_columns', 'path', 'epoch'} of one checkpoint, the model in eval mode on the CPU."
-    ck = torch.load(path, map_location='cpu', weights_only=True)
+    ck = torch_load_checkpoint(path)   # names a file that is missing or not a checkpoint
     if isinstance(ck, dict) and 'model' not in ck and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
         ck = dict(model=ck, arch=None, preprocess={}, meta_columns=[])          # a bare state dict
         if 'meta.0.weight' in ck['model']:
@@ -70,6 +71,11 @@ def score_table(stamps, checkpoints:list, out=None, tta:bool=False, splits:list|
     if ds.index.n_rows == 0: raise ValueError(f'{stamps}: no rows to score' + (f' in splits {splits}' if splits else ''))
     s = score_rows(members, ds, dev, precision, tta, num_workers)
     meta = index_columns(ds).to_pandas()
+    bad = ~np.isfinite(s['logits']).all(1)
+    if bad.any():   # a NaN/inf pixel in a row marked good: never a silent NaN score
+        ids = meta['task_id'][bad].tolist() if 'task_id' in meta else np.flatnonzero(bad).tolist()
+        raise UserError(f'{stamps}: {int(bad.sum())} row(s) marked good give a non-finite score (NaN or inf pixels?), e.g. task_id '
+                        f'{ids[:5]}; nothing was written. Check the table with `dhs validate {stamps}` and remake those stamps')
     scores = pd.DataFrame({'score': (1 / (1 + np.exp(-s['logits']))).mean(1), 'score_logit': s['logits'].mean(1)})
     if len(members) > 1:
         for i in range(len(members)): scores[f'score_{i}'] = 1 / (1 + np.exp(-s['logits'][:, i]))
@@ -112,15 +118,17 @@ def image_scorer(checkpoint, # a checkpoint path, a comma-separated list of them
 # %% ../nbs/33_score.ipynb
 def main(argv:list|None=None)->int:
     "`dhs score STAMPS --checkpoint CK [--checkpoint CK2 ...] --out scores.parquet [--tta] [--split val ...]`."
-    ap = argparse.ArgumentParser(prog='dhs score', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs score', description='Phase 5: score every valid row of a stamp table with one checkpoint, or with '
+                        'several (an ensemble: the mean of their probabilities), optionally averaged over the 8 flips and rotations; '
+                        'writes the scores with the table\'s metadata columns. A row that scores NaN is an error, never a silent NaN.')
     ap.add_argument('stamps', help='stamp table: Parquet file, folder or URI')
     ap.add_argument('--checkpoint', action='append', required=True, help='a checkpoint (repeat for an ensemble)')
     ap.add_argument('--out', required=True, help='output Parquet file')
     ap.add_argument('--tta', action='store_true', help='average each model over the 8 flips/rotations')
     ap.add_argument('--split', action='append', default=None, help='score only these region_split values (repeatable)')
-    ap.add_argument('--batch-size', type=int, default=256)
+    ap.add_argument('--batch-size', type=positive_int, default=256, help='rows per batch (default 256)')
     ap.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
-    ap.add_argument('--num-workers', type=int, default=0, help='DataLoader worker processes')
+    ap.add_argument('--num-workers', type=nonneg_int, default=0, help='DataLoader worker processes (default 0)')
     a = ap.parse_args(argv)
     df = score_table(a.stamps, a.checkpoint, a.out, a.tta, a.split, a.batch_size, a.device, num_workers=a.num_workers)
     print(json.dumps(dict(out=a.out, rows=len(df), checkpoints=a.checkpoint, tta=a.tta)))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/43_search.ipynb 1
 from __future__ import annotations
-import argparse, json, time
+import json, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import provenance, write_json, local_path, atomic_path
+from .guard import ArgumentParser, open_fraction, positive_int
 from .manifest import DrawConfig, draw_task, healpix_region
 from .survey import depth5_mag
 from .psf import theta_e_over_psfsize
@@ -283,24 +284,29 @@ def run_search(cfg:SearchConfig, spark=None, log=print)->dict:
 
 # %% ../nbs/43_search.ipynb
 def main(argv:list|None=None)->int:
-    "`dhs search --parent P --cache C --checkpoint CK --out O [--brick B ...] [--val-scores V] [--truth T]`."
-    ap = argparse.ArgumentParser(prog='dhs search', description=main.__doc__)
+    "`dhs search --parent P --cache C --checkpoint CK --out O [--bricks B ...] [--val-scores V] [--truth T]`."
+    ap = ArgumentParser(prog='dhs search', description='The lens search: cut and score every parent LRG of the given bricks (all of '
+                        'the parent sample by default) with a finder, at thresholds fixed on the validation split, rank the '
+                        'candidates, and report the recovery of the known (lenscat) lenses in the footprint.')
     ap.add_argument('--parent', required=True, help='phase 3 hosts Parquet (<parent out>/hosts)')
     ap.add_argument('--cache', required=True, help='coadd cache root (DR10 layout)')
     ap.add_argument('--base-uri', default='', help='survey root to fetch uncached bricks from (phase 4b)')
     ap.add_argument('--checkpoint', action='append', required=True, help='finder checkpoint (repeat for an ensemble)')
     ap.add_argument('--out', required=True, help='output folder')
-    ap.add_argument('--brick', action='append', default=[], help='brick to search (repeatable; default: all of the parent)')
+    ap.add_argument('--bricks', aliases=['--brick'], dest='brick', nargs='+', action='extend', default=[],
+                    help='bricks to search, space or comma separated (default: all of the parent)')
     ap.add_argument('--val-scores', default='', help='validation-split scores (dhs score --split val) fixing the thresholds')
     ap.add_argument('--threshold', action='append', default=[], help='FPR:THRESHOLD given instead of --val-scores (repeatable)')
-    ap.add_argument('--target-fpr', type=float, action='append', default=None, help='operating FPRs (default 1e-2 and 1e-3)')
+    ap.add_argument('--target-fpr', type=open_fraction, action='append', default=None, help='operating FPRs (repeatable; default 1e-2 and 1e-3)')
     ap.add_argument('--truth', default='', help='mock sky truth table (mock_truth.parquet)')
-    ap.add_argument('--splits', default='', help='manifest splits.parquet (labels hosts by split)')
+    ap.add_argument('--split-table', aliases=['--splits'], dest='splits', default='', help='manifest splits.parquet (labels hosts by split)')
     ap.add_argument('--no-known-lenses', action='store_true', help='skip the lenscat lenses of the footprint')
-    ap.add_argument('--engine', default='spark', choices=['spark', 'local'])
-    ap.add_argument('--top', type=int, default=24, help='candidates in the gallery')
-    ap.add_argument('--device', default='auto'); ap.add_argument('--tta', action='store_true')
+    ap.add_argument('--engine', default='spark', choices=['spark', 'local'], help='cut the stamps with Spark (phase 4c) or in this process')
+    ap.add_argument('--n-top', aliases=['--top'], dest='top', type=positive_int, default=24, help='candidates in the gallery (default 24)')
+    ap.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    ap.add_argument('--tta', action='store_true', help='average each model over the 8 flips/rotations')
     a = ap.parse_args(argv)
+    a.brick = [b for arg in a.brick for b in arg.split(',') if b]
     th = {float(k): float(v) for k, v in (t.split(':') for t in a.threshold)}
     cfg = SearchConfig(parent_uri=a.parent, cache_uri=a.cache, base_uri=a.base_uri, out_uri=a.out, checkpoints=a.checkpoint, bricks=a.brick,
                        val_scores_uri=a.val_scores, thresholds=th, target_fprs=tuple(a.target_fpr or (1e-2, 1e-3)), truth_uri=a.truth,

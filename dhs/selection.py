@@ -234,14 +234,16 @@ def apply_surface(surface:pd.DataFrame, population:pd.DataFrame, method:str='nea
 # %% ../nbs/41_selection.ipynb
 def main(argv:list|None=None)->int:
     "`dhs completeness SURFACE LENSES --out FILE`: expected completeness of each lens of a population."
-    import argparse
-    ap = argparse.ArgumentParser(prog='dhs completeness', description=main.__doc__)
+    from dhs.guard import ArgumentParser, positive_int
+    ap = ArgumentParser(prog='dhs completeness', description='Apply a completeness surface saved by the evaluation (completeness '
+                        'of injected lenses in 2-D bins, e.g. theta_E x PSF FWHM, with intervals) to your own lens population: '
+                        'each lens gets the expected completeness and its interval.')
     ap.add_argument('surface', help='a saved completeness surface (evaluation/surfaces/NAME.parquet)')
     ap.add_argument('lenses', help="CSV or Parquet table of lenses with the surface's columns")
     ap.add_argument('--out', required=True, help='output table (.csv or .parquet): the lenses plus completeness, lo, hi')
     ap.add_argument('--method', default='nearest', choices=['nearest', 'linear'], help='cell value or bilinear between cell centres')
     ap.add_argument('--outside', default='nan', choices=['nan', 'clip'], help='objects outside the surface: NaN or the nearest edge cell')
-    ap.add_argument('--min-n', type=int, default=1, help='cells with fewer injections count as empty')
+    ap.add_argument('--min-n', type=positive_int, default=1, help='cells with fewer injections count as empty (default 1)')
     a = ap.parse_args(argv)
     read = pd.read_parquet if str(a.lenses).endswith('.parquet') else pd.read_csv
     lenses = read(a.lenses)

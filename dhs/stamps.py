@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_stamps.ipynb 1
 from __future__ import annotations
-import argparse, gzip, io, json
+import gzip, io, json
 from importlib import resources
 import numpy as np
 import pandas as pd
@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from .core import provenance, write_parquet, with_metadata
 from .psf import theta_e_over_psfsize
+from .guard import ArgumentParser, fraction
 
 # %% auto 0
 __all__ = ['CONTRACT_FILE', 'BINARY_COLUMNS', 'load_contract', 'stamp_nbytes', 'encode_stamps', 'decode_stamps', 'encode_npz',
@@ -179,9 +180,11 @@ def _verdict(problems, totals, classes, regions, bad_ids, max_fail_frac)->dict:
 # %% ../nbs/23_stamps.ipynb
 def main(argv:list|None=None)->int:
     "`dhs validate STAMPS`: check a stamp table against the contract; exit 1 when it fails."
-    ap = argparse.ArgumentParser(prog='dhs validate', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs validate', description='Check any stamp table against the stamp contract (STAMP_SCHEMA.md): columns and '
+                        'types, stamps that decode, no NaN in a row marked good, task ids unique, no sky region in two splits, '
+                        'and at most a fraction of failed rows; exit 1 when it fails.')
     ap.add_argument('stamps', help='stamp table: a Parquet file or a folder of them')
-    ap.add_argument('--max-fail-frac', type=float, default=0.01, help='allowed fraction of rows with cutout_ok=0')
+    ap.add_argument('--max-fail-frac', type=fraction, default=0.01, help='allowed fraction of rows with cutout_ok=0 (default 0.01)')
     ap.add_argument('--json', action='store_true', help='print the report as JSON')
     a = ap.parse_args(argv)
     r = validate_stamps(a.stamps, a.max_fail_frac)

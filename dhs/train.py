@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_train.ipynb 1
 from __future__ import annotations
-import argparse, ast, csv, dataclasses, json, math, os, shutil, sys, time, warnings
+import ast, csv, dataclasses, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -16,14 +16,16 @@ from tqdm.std import tqdm
 from .metrics import tpr_at_fpr, auroc
 from .core import atomic_path, config_dict, config_from_dict, provenance, write_json
 from .data import Filters, Preprocess, Augment, StampDataset, prepare_batch, index_columns, meta_array
-from .models import LensFinder, meta_features, model_from_state, metadata_leakage
+from .models import BACKBONES, LensFinder, meta_features, model_from_state, metadata_leakage
+from .guard import (ArgumentParser, UserError, check_config, claim_output, fingerprint, fraction, integer, nonneg, nonneg_int, one_of,
+                       open_fraction, positive, positive_int)
 
 # %% auto 0
-__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'train_config_from_dict', 'gpu_config', 'cpu_demo_config',
-           'warmup_cosine', 'masked_loss', 'low_fpr_metrics', 'resolve_device', 'setup_distributed', 'derived_seed',
-           'public_config', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'autocast_dtype',
-           'model_inputs', 'loader_kwargs', 'predict', 'gather_predictions', 'train_step', 'train_epoch',
-           'leakage_report', 'fit', 'config_from_args', 'main']
+__all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TRAIN_IGNORE', 'TrainConfig', 'train_config_from_dict', 'gpu_config',
+           'cpu_demo_config', 'warmup_cosine', 'masked_loss', 'low_fpr_metrics', 'resolve_device', 'setup_distributed',
+           'derived_seed', 'public_config', 'save_checkpoint', 'CheckpointError', 'torch_load_checkpoint',
+           'load_checkpoint', 'model_from_checkpoint', 'autocast_dtype', 'model_inputs', 'loader_kwargs', 'predict',
+           'gather_predictions', 'train_step', 'train_epoch', 'leakage_report', 'fit', 'config_from_args', 'main']
 
 # %% ../nbs/32_train.ipynb
 @dataclass
@@ -65,6 +67,13 @@ class TrainConfig:
     filters:Filters = field(default_factory=Filters)
     preprocess:Preprocess = field(default_factory=Preprocess)
     augment:Augment = field(default_factory=Augment)
+
+    def __post_init__(self):
+        check_config(self, arch=one_of(*BACKBONES), epochs=positive_int, batch_size=positive_int, val_batch_size=nonneg_int, lr=nonneg,
+                     weight_decay=nonneg, warmup_frac=fraction, min_lr_frac=fraction, loss=one_of('bce', 'focal'), focal_gamma=nonneg,
+                     focal_alpha=fraction, precision=one_of('auto', 'bf16', 'fp32'), grad_clip=nonneg,
+                     early_stop_metric=one_of('pauc', 'tpr', 'auroc', 'loss'), target_fpr=open_fraction, patience=positive_int,
+                     seed=integer, num_workers=nonneg_int, shuffle_rows=positive_int, log_every=positive_int)
 
 # %% ../nbs/32_train.ipynb
 _NESTED = {'filters': Filters, 'preprocess': Preprocess, 'augment': Augment}
@@ -158,9 +167,23 @@ def save_checkpoint(path, model, cfg:TrainConfig, state:dict, optimizer=None, sc
               provenance=json.loads(json.dumps(provenance(), default=str)), **state)
     with atomic_path(path) as tmp: torch.save(ck, tmp)
 
+class CheckpointError(UserError, ValueError):
+    "A file given as a checkpoint that is missing or is not one written by `dhs train`."
+
+def torch_load_checkpoint(path, map_location='cpu'):
+    "`torch.load(path, weights_only=True)` (no code runs while loading); `CheckpointError` naming a file that is missing or not a checkpoint."
+    if not Path(path).is_file(): raise CheckpointError(f'{path}: no such checkpoint file; give best.pt or last.pt from the --out folder of dhs train')
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # a text file, a truncated download, another program's pickle
+        with open(path, 'rb') as f: head = f.read(512)
+        text = bool(head) and all(32 <= c < 127 or c in b'\t\r\n' for c in head)
+        why = 'it is a text file' if text else f'{type(e).__name__}: ' + (str(e).strip().splitlines() or [''])[0][:200]
+        raise CheckpointError(f'{path}: not a dhs checkpoint, torch cannot load it ({why}); '
+                              'give best.pt or last.pt from the --out folder of dhs train') from None
+
 def load_checkpoint(path, map_location='cpu')->dict:
     "A checkpoint dict (weights_only: no code runs while loading)."
-    ck = torch.load(path, map_location=map_location, weights_only=True)
+    ck = torch_load_checkpoint(path, map_location)
     if not isinstance(ck, dict) or 'model' not in ck:
         raise ValueError(f'{path}: not a dhs checkpoint (a dict with `model`, `config`, ...); got {type(ck).__name__}')
     return ck
@@ -349,8 +372,16 @@ def leakage_report(tr:StampDataset, cfg:TrainConfig, out:Path, log=print)->dict:
     return r
 
 # %% ../nbs/32_train.ipynb
-def fit(cfg:TrainConfig, resume:bool=False, stop_after:int|None=None, log=print)->dict:
+TRAIN_IGNORE = ('out_dir', 'stamps', 'val_stamps', 'init_weights', 'device', 'num_workers', 'progress', 'log_every', 'storage_options')
+
+def fit(cfg:TrainConfig, resume:bool=False, stop_after:int|None=None, log=print, force:bool=False)->dict:
     "Train; with `resume`, continue from out_dir/last.pt. `stop_after`: return after that many epochs in this call (as if interrupted)."
+    if int(os.environ.get('RANK', 0)) != 0: return _fit(cfg, resume, stop_after, log)   # rank 0 holds the output folder for all
+    inputs = {k: fingerprint(u, cfg.storage_options) for k, u in (('stamps', cfg.stamps), ('val_stamps', cfg.val_stamps), ('init_weights', cfg.init_weights)) if u}
+    with claim_output(cfg.out_dir, 'train', public_config(cfg), inputs, force, TRAIN_IGNORE):   # refused: another run's checkpoints
+        return _fit(cfg, resume, stop_after, log)
+
+def _fit(cfg:TrainConfig, resume:bool, stop_after:int|None, log)->dict:
     device, rank, world, created, tr, va, model, opt, sched, state = _setup(cfg, resume)
     out = Path(cfg.out_dir)
     if rank == 0: out.mkdir(parents=True, exist_ok=True); write_json(provenance(public_config(cfg), world_size=world), out/'config.json')
@@ -418,20 +449,25 @@ def config_from_args(preset:str, sets:dict)->TrainConfig:
 # %% ../nbs/32_train.ipynb
 def main(argv:list|None=None)->int:
     "`dhs train STAMPS --out DIR [--preset gpu|cpu-demo] [--set KEY=VALUE ...] [--resume]`; under torchrun: DDP."
-    ap = argparse.ArgumentParser(prog='dhs train', description=main.__doc__)
+    ap = ArgumentParser(prog='dhs train', description='Phase 5: train a lens finder (a CNN, optionally fusing observing-condition '
+                        'metadata) on the train split of a stamp table, early-stopping on the val split; on one GPU, the CPU, or '
+                        'several GPUs under torchrun (DDP). Every checkpoint holds its config and preprocessing.')
     ap.add_argument('stamps', help='training stamp table (Parquet file, folder or URI)')
     ap.add_argument('--out', required=True, help='output folder: checkpoints, config.json, metrics.csv/json')
     ap.add_argument('--preset', default='gpu', choices=sorted(PRESETS), help='named configuration (default gpu)')
     ap.add_argument('--val-stamps', default='', help="validation table (default: the 'val' split of STAMPS)")
-    for name, tp in [('arch', str), ('epochs', int), ('batch-size', int), ('lr', float), ('device', str), ('num-workers', int), ('seed', int)]:
-        ap.add_argument(f'--{name}', type=tp, help=f'TrainConfig.{name.replace("-", "_")}')
-    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any TrainConfig field, e.g. preprocess.clip=hard')
-    ap.add_argument('--resume', action='store_true', help='continue from OUT/last.pt if it exists')
+    for name, tp, what in [('arch', one_of(*BACKBONES), 'architecture'), ('epochs', positive_int, 'epochs'), ('batch-size', positive_int, 'batch size per rank'),
+                           ('lr', positive, 'peak learning rate'), ('device', str, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                           ('num-workers', nonneg_int, 'DataLoader workers per rank'), ('seed', integer, 'seed of all randomness')]:
+        ap.add_argument(f'--{name}', type=tp, help=f'{what} (TrainConfig.{name.replace("-", "_")}; default: the preset\'s)')
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any TrainConfig field, e.g. preprocess.clip=hard (repeatable)')
+    ap.add_argument('--resume', action='store_true', help='continue from OUT/last.pt if it exists (same settings only)')
+    ap.add_argument('--force', action='store_true', help='discard an output folder written with other settings or stamps')
     a = ap.parse_args(argv)
     sets = {k.replace('-', '_'): getattr(a, k.replace('-', '_')) for k in ['arch', 'epochs', 'batch-size', 'lr', 'device', 'num-workers', 'seed']
             if getattr(a, k.replace('-', '_')) is not None}
     cfg = config_from_args(a.preset, {**_parse_set(a.set), **sets, 'stamps': a.stamps, 'out_dir': a.out, 'val_stamps': a.val_stamps})
-    r = fit(cfg, resume=a.resume)
+    r = fit(cfg, resume=a.resume, force=a.force)
     if int(os.environ.get('RANK', 0)) == 0: print(json.dumps({k: v for k, v in r.items() if k != 'history'}, default=str))
     return 0
 

@@ -46,8 +46,8 @@ def present_rels():
 
 
 def cache_contents(cache: Path) -> set:
-    "Relative paths of every file under the cache (temporary files included)."
-    return {p.relative_to(cache).as_posix() for p in cache.rglob('*') if p.is_file()}
+    "Relative paths of every file under the cache (temporary files included; the cache's lock file, .dhs.lock, left out)."
+    return {p.relative_to(cache).as_posix() for p in cache.rglob('*') if p.is_file() and p.name != '.dhs.lock'}
 
 
 def assert_identical(sky: Path, cache: Path, rels):

@@ -218,7 +218,8 @@ def test_failure_threshold_names_bricks(job, tmp_path, capsys):
     rep = json.loads((tmp_path/'out'/'inject_failures.json').read_text())
     assert rep['worst_bricks'][0]['brickname'] == gone and rep['n_failed'] == counts[gone]
     with pytest.raises(inject.InjectionFailedError, match=gone):   # the same check reruns on the finished output
-        inject.run_inject(inject.InjectConfig(**{**cfg.__dict__, 'cache_uri': str(cache), 'out_uri': str(tmp_path/'out')}))
+        inject.run_inject(inject.InjectConfig(**{**cfg.__dict__, 'cache_uri': str(cache), 'out_uri': str(tmp_path/'out'),
+                                                 'encoding': 'fast', 'write_masks': False}))   # the settings of the CLI run above
 
 
 def test_resume_after_crash_has_no_duplicates(spark, job, tmp_path):
