@@ -241,12 +241,12 @@ def _scrub_logs():
     "From the first secret seen on, every log record's message is scrubbed (a library's debug log may print a key id)."
     import logging
     base = logging.getLogRecordFactory()
-    if getattr(base, 'dhs_scrubs', False): return
+    if getattr(base, 'dhs_scrub', None) is scrub: return   # installed already (a second copy of this module chains its own)
     def factory(*args, **kw):
         record = base(*args, **kw)
         record.getMessage = lambda get=record.getMessage: scrub(get())
         return record
-    factory.dhs_scrubs = True
+    factory.dhs_scrub = scrub
     logging.setLogRecordFactory(factory)
 
 # %% ../nbs/04_guard.ipynb
