@@ -16,7 +16,7 @@ from . import metrics as M, selection as S, gates as G, plots as P, toys
 # %% auto 0
 __all__ = ['SUMMARY_COLUMNS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats', 'load_scores', 'population',
            'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces', 'score_distributions', 'calibration',
-           'run_checkpoints', 'stamp_gates', 'toy_gates', 'gates_for', 'run_evaluate', 'main']
+           'run_checkpoints', 'resolved_scorer', 'stamp_gates', 'toy_gates', 'gates_for', 'run_evaluate', 'main']
 
 # %% ../nbs/48_evaluate.ipynb
 @dataclass
@@ -144,11 +144,15 @@ def run_checkpoints(run_dir:Path)->list:
     best = lambda d: next((p for p in (d/'best.pt', d/'last.pt') if p.exists()), None)
     return [str(c) for c in [best(run_dir/'train'), *map(best, sorted((run_dir/'train').glob('member-*')))] if c is not None]
 
+def resolved_scorer(cfg:EvaluateConfig, ck:str)->str:
+    "The score-function factory the score gates use: the one asked for, else the image scorer of the run's checkpoints (if any)."
+    return cfg.scorer or ('dhs.score:image_scorer' if ck else '')
+
 def stamp_gates(cfg:EvaluateConfig, stamp_path:Path, score_path:Path|None, ck:str, log=print)->G.GateReport:
     "The gates on a stamp table's rows of the measured split, score gates with the scorer of `ck` when there is one."
     gc = G.GateConfig(max_stamps=int(cfg.gate_max_stamps), seed=int(cfg.seed))
     g = G.load_gate_inputs(stamp_path, cfg.split, gc.max_stamps, gc.seed, score_path)
-    scorer, score_fn = cfg.scorer or ('dhs.score:image_scorer' if ck else ''), None
+    scorer, score_fn = resolved_scorer(cfg, ck), None
     if cfg.score_gates and scorer:
         try: score_fn = G.load_scorer(scorer, ck)
         except ValueError as e: log(f'score gates not run: {e}')
@@ -215,7 +219,7 @@ def run_evaluate(cfg:EvaluateConfig, log=print)->dict:
     calib = calibration(t, pop_text, cfg, out)
     report, gate_source, ck = gates_for(cfg, score_path, synthetic, log)
     report.write(out, 'gates')
-    params = dict(asdict(cfg), scores=str(score_path), stamps=str(_stamp_path(cfg)), checkpoint=ck, truth=str(truth_path) if truth_path.exists() else '')
+    params = dict(asdict(cfg), scores=str(score_path), stamps=str(_stamp_path(cfg)), checkpoint=ck, scorer=resolved_scorer(cfg, ck) if cfg.score_gates else '', truth=str(truth_path) if truth_path.exists() else '')
     summary = _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)
     write_json(summary, out/'summary.json')
     return summary

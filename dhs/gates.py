@@ -329,8 +329,9 @@ def psf_swap_gate(score_fn, variants:dict, cfg:GateConfig|None=None)->GateResult
     for k in ('stored_model', 'stored_max_abs_diff'):
         if k in variants: detail[k] = variants[k]
     if ok.sum() < cfg.min_psf_swap:
+        why = 'too few injections in the split' if ok.sum() == len(ok) else "the others have no coadd PSF: cache the copsf files (phase 4b)"
         return GateResult('psf_swap_ks', None, cfg.psf_swap_ks_max, detail=detail,
-                          note=f"{int(ok.sum())} injections rendered with the survey's coadd PSF (fewer than {cfg.min_psf_swap}): cache the copsf files (phase 4b)")
+                          note=f"{int(ok.sum())} injections rendered with the survey's coadd PSF, fewer than {cfg.min_psf_swap}: {why}")
     s = {m: _score(score_fn, imgs[m][ok], cfg.batch_size) for m in imgs}
     detail['mean_score'] = {m: float(v.mean()) for m, v in s.items()}
     for m in alts:

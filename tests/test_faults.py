@@ -14,7 +14,7 @@ import pytest
 from dhs import cli, inject, parent
 from dhs.cache import CacheConfig, cache_bricks
 from dhs.core import runs_dir
-from dhs.data import synthetic_stamp_table
+from dhs.toys import synthetic_stamp_table, write_tiny_sky
 from dhs.guard import HOLDER_FILE, OUTPUT_RECORD, OutputMismatchError, UserError, claim_output, fingerprint
 from dhs.models import LensFinder
 from dhs.score import score_table
@@ -46,7 +46,7 @@ def dhs_lines(stderr: str) -> list:
 def tiny(tmp_path_factory):
     "Three tiny bricks (192x192, DR10 layout) and their 18 tasks: a coadd root, usable as the cache, and a manifest."
     d = tmp_path_factory.mktemp('faults')
-    tasks = inject.write_tiny_sky(d/'cache', n_bricks=3, pixels=192, hosts_per_brick=3, psf_hole=False)
+    tasks = write_tiny_sky(d/'cache', n_bricks=3, pixels=192, hosts_per_brick=3, psf_hole=False)
     (d/'manifest'/'tasks').mkdir(parents=True)
     tasks.to_parquet(d/'manifest'/'tasks'/'part-0.parquet')
     return d, tasks
@@ -64,7 +64,7 @@ def test_resume_with_other_settings_or_another_manifest_is_refused(spark, tiny, 
     s = inject.run_inject(cfg, spark)
     parts = sorted((tmp_path/'out'/'stamps').glob('part-*.parquet'))
     before = {p: p.stat().st_mtime_ns for p in parts}
-    with pytest.raises(OutputMismatchError, match=r'psf_model: "gaussian" -> "moffat".*--force'):
+    with pytest.raises(OutputMismatchError, match=r'psf_model: "survey" -> "moffat".*--force'):
         inject.run_inject(replace(cfg, psf_model='moffat'), spark)
     tasks.iloc[:8].to_parquet(tmp_path/'other.parquet')
     with pytest.raises(OutputMismatchError, match=r'input manifest: 1 file\(s\)'):

@@ -6,10 +6,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dhs import inject, manifest, parent, stamps
+from dhs import cache, inject, manifest, parent, stamps
+from dhs.psf import moffat_fwhm_from_psfsize
 from dhs.render import render_lensed
 from dhs.sources import band_fluxes_from_mag
-from dhs.survey import BrickImages, coadd_relpath, read_coadd, stamp_slice, write_coadd
+from dhs.survey import BrickImages, coadd_relpath, copsf_relpath, read_copsf, read_coadd, stamp_slice, write_coadd
 from dhs.templates import hdf_template_bank
 from astropy.wcs import WCS
 
@@ -41,8 +42,11 @@ def tasks_uri(spark, sky, work):
 
 @pytest.fixture(scope='session')
 def job(spark, sky, work, tasks_uri):
-    "The injection job on the mock sky (the sky root is laid out like the coadd cache)."
-    cfg = inject.InjectConfig(manifest_uri=str(tasks_uri), cache_uri=str(sky), out_uri=str(work/'stamps'),
+    "Phase 4b (coadds and the coadd PSF of each brick, built from its ccds table and PSFEx files) and the injection job on the mock sky."
+    bricks = sorted(pd.read_parquet(tasks_uri, columns=['brickname']).brickname.unique())
+    rep = cache.cache_bricks(bricks, cache.CacheConfig(base_uri=str(sky), cache_uri=str(work/'cache'), n_threads=2), write_report=False)
+    assert rep.count('built') == 3 * len(bricks) and rep.count('failed') == 0
+    cfg = inject.InjectConfig(manifest_uri=str(tasks_uri), cache_uri=str(work/'cache'), out_uri=str(work/'stamps'),
                               tasks_per_file=30, encoding='npz', write_masks=True)
     summary = inject.run_inject(cfg, spark)
     images, meta = stamps.read_stamps(str(work/'stamps'/'stamps'))
@@ -77,21 +81,26 @@ def test_job_covers_manifest_and_validates(job, capsys):
 
 
 def test_injected_flux_is_renderer_flux_times_mw_transmission(job):
+    "Without shot noise, stamp - cutout is the renderer's image through the brick's cached coadd PSF, times the MW transmission."
     cfg, _, images, meta, tasks = job
+    quiet = inject.InjectConfig(**{**cfg.__dict__, 'shot_noise': False})
     # achromatic sources only: a clumpy source's adaptive sampling weighs the bands by their fluxes
     pos = meta[(meta.is_control == 0) & (meta.cutout_ok == 1) & meta.source_kind.isin(['sersic', 'template'])].head(6)
-    assert set(pos.source_kind) == {'sersic', 'template'}
+    assert set(pos.source_kind) == {'sersic', 'template'} and (pos.psf_source_r == 'copsf').all()
     for i, row in pos.iterrows():
         task = {**tasks.loc[row.task_id].to_dict(), 'task_id': row.task_id}
         raw = _cutout(cfg.cache_uri, task)
-        inj = images[i].astype(float) - raw.image
+        with BrickImages(cfg.cache_uri, task['brickname']) as bi: stamp, m = inject.inject_task(task, bi, quiet)
+        assert m['arc_snr'] == row.arc_snr                     # arc S/N of the noiseless injection: shot noise or not
+        inj = stamp.astype(float) - raw.image
+        kernels = [read_copsf(Path(cfg.cache_uri)/copsf_relpath(task['brickname'], b))[0] for b in BANDS]
         fwhm = [row[f'psf_fwhm_used_{b}'] for b in BANDS]
         r = render_lensed(inject.task_source(task), inject.task_lens(task),
                           band_fluxes_from_mag(task['src_mag_r'], task['src_gr'], task['src_rz']), fwhm,
-                          64, 0.262, raw.dx, raw.dy, psf='gaussian')
+                          64, 0.262, raw.dx, raw.dy, psf_kernels=kernels)
         mw = np.array([task[f'mw_transmission_{b}'] for b in BANDS])
         # float32 rounding: of image + injection in the stamp, and of the renderer's float32 arithmetic (~1e-7)
-        tol = 2.0**-23 * np.abs(images[i].astype(float)) + 1e-6 * np.abs(r.stamp).max()
+        tol = 2.0**-23 * np.abs(stamp.astype(float)) + 1e-6 * np.abs(r.stamp).max()
         assert (np.abs(inj - r.stamp * mw[:, None, None]) <= tol).all()
         np.testing.assert_allclose(inj.sum((1, 2)), r.stamp.sum((1, 2)) * mw, rtol=0, atol=tol.sum())
         assert tol.sum() < 1e-3 * r.stamp.sum()   # far below the 2-12% the MW transmission makes
@@ -106,11 +115,12 @@ def test_one_task_rebuilds_bit_for_bit(job):
         with BrickImages(cfg.cache_uri, task['brickname']) as bi: stamp, m = inject.inject_task(task, bi, cfg)
         assert stamp.tobytes() == images[i].tobytes(), kind
         assert m['arc_snr'] == meta.arc_snr[i]
-    noisy = inject.InjectConfig(**{**cfg.__dict__, 'shot_noise': True})
+    assert cfg.shot_noise                                   # on by default: the stored stamps carry it, seeded by the task
+    quiet = inject.InjectConfig(**{**cfg.__dict__, 'shot_noise': False})
     with BrickImages(cfg.cache_uri, task['brickname']) as bi:
-        a, _ = inject.inject_task(task, bi, noisy)
+        a, _ = inject.inject_task(task, bi, quiet)
     with BrickImages(cfg.cache_uri, task['brickname']) as bi:
-        b, _ = inject.inject_task(task, bi, noisy)
+        b, _ = inject.inject_task(task, bi, quiet)
     assert a.tobytes() == b.tobytes() and a.tobytes() != stamp.tobytes()
 
 
@@ -178,9 +188,9 @@ def test_psf_hole_falls_back_to_sweep_and_nan_pixel_fails_the_row(job, tmp_path)
     fa = out.loc[a.task_id]
     assert fa.cutout_ok == 1 and fa.psf_fallback and 'psf_fallback' in fa.physics_warnings
     assert [fa[f'psf_source_{b}'] for b in BANDS] == ['sweep'] * 3 and fa.psfsize_stamp_r == 0
-    assert fa.psf_fwhm_used_r == pytest.approx(ta['psfsize_r'])
+    assert fa.psf_fwhm_used_r == pytest.approx(moffat_fwhm_from_psfsize(ta['psfsize_r']))   # no coadd PSF in this copy: a Moffat of the sweep's psfsize
     fb = out.loc[b.task_id]
-    assert fb.cutout_ok == 0 and fb.failure_reason.startswith('nonfinite') and not fb.psf_fallback
+    assert fb.cutout_ok == 0 and fb.failure_reason.startswith('nonfinite') and fb.psf_source_r == 'coadd'   # its psfsize is there
     assert status.set_index('task_id').loc[b.task_id, 'cutout_ok'] == 0
 
 

@@ -91,6 +91,10 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
     gates = s['gates']['values']
     for g in ('arc_suppressed_score', 'ring_counterfactual'):          # the score gates (tiny: too few stamps for the CV gates)
         assert gates[g]['value'] is not None, f'{g} did not run with the trained checkpoint'
+    swap = json.loads((run_dir/'evaluation'/'gates.json').read_text())
+    swap = next(g for g in swap['gates'] if g['name'] == 'psf_swap_ks')
+    assert swap['detail']['n_rows'] > 0 and swap['detail']['stored_model'] == 'survey'   # test injections re-made from the run's cache...
+    assert swap['detail']['stored_max_abs_diff'] == 0.0                                   # ...are the stored stamps, bit for bit
     assert s['provenance']['config']['scorer'] == 'dhs.score:image_scorer' and s['provenance']['config']['truth'].endswith('mock_truth.parquet')
     import pandas as pd
     by_class = pd.read_csv(run_dir/'evaluation'/'tables'/'fpr_truth_class.csv')
