@@ -205,7 +205,7 @@ def band_strip(stamp:np.ndarray, gap_pix:int=2)->np.ndarray:
     "(N, 3N + 2 gap, 3) RGB: grey g | r | z panels, each asinh-stretched by its own noise and 99.5th percentile."
     x = np.nan_to_num(np.asarray(stamp, 'f4'))
     panels = [asinh_rgb(np.stack([b, b, b])) for b in x]
-    gap = np.ones((x.shape[-2], gap_pix, 3))
+    gap = np.zeros((x.shape[-2], gap_pix, 3))
     return np.hstack([p for q in panels for p in (q, gap)][:-1])
 
 def composite(stamp:np.ndarray, stretch:str='asinh')->np.ndarray:
@@ -234,8 +234,15 @@ def facts(row:pd.Series)->list[tuple[str, str]]:
              ('host r, z [AB]', v('mag_r') is not None and f'{row.mag_r:.2f}, {row.get("mag_z", np.nan):.2f}'),
              ('host size [″]', v('shape_r') is not None and f'{row.shape_r:.2f}'), ('E(B−V)', v('ebv') is not None and f'{row.ebv:.3f}'),
              ('PSF FWHM g/r/z [″]', bands('psfsize_', '{:.2f}'.format)),
-             ('5σ depth g/r/z [AB]', bands('galdepth_', lambda x: f'{float(depth5_mag(x)):.2f}')), ('split', v('region_split'))]
+             ('5σ depth g/r/z [AB]', bands('galdepth_', lambda x: f'{float(depth5_mag(x)):.2f}')), ('split', v('region_split')),
+             ('above threshold at', _passes(row))]
     return [(k, str(x)) for k, x in items if x not in (None, False)]
+
+def _passes(row:pd.Series)->str|None:
+    "The operating points (target FPR on validation) whose threshold the candidate's score passes, from `pass_fpr_*`."
+    cols = [c for c in row.index if c.startswith('pass_fpr_')]
+    ok = [c[9:] for c in cols if pd.notna(row[c]) and bool(row[c])]
+    return None if not cols else ('FPR ' + ', '.join(ok) if ok else 'no operating point')
 
 def lens_match(row:pd.Series)->dict|None:
     "The lenscat match of a candidate (name, grading, separation, reference link) or None."
@@ -253,9 +260,9 @@ def _lenscat_refs()->dict:
     return dict(zip(np.asarray(c['name']).astype(str), np.asarray(c['ref']).astype(str)))
 
 def lens_reference(name:str)->str:
-    "The reference link lenscat gives for a lens ('' when none or not a lenscat name)."
-    ref = _lenscat_refs().get(name, '')
-    return ref if ref.startswith(('http://', 'https://')) else ''
+    "The reference link lenscat gives for a lens (names joined by ' | ': the first that has one; '' when none)."
+    refs = [_lenscat_refs().get(n.strip(), '') for n in str(name).split(' | ')]
+    return next((r for r in refs if r.startswith(('http://', 'https://'))), '')
 
 def viewer_url(ra:float, dec:float)->str:
     "The Legacy Surveys sky viewer (DR10 layer) centred on (ra, dec) [deg]."
@@ -503,7 +510,7 @@ def graded_gallery(run_dir, path, n:int=24)->Path|None:
     if not len(t): return None
     c = run_sources(run_dir, top_n=10**9, names=['search'])['search']
     t = t[t.task_id.isin(list(c.images))]
-    title = lambda r: f'#{int(r["rank"])} {"".join(r.filter(like="grade_").dropna())} {r.mean_grade:.1f}' + (f'\n{r.truth_class}' if isinstance(r.get('truth_class'), str) else '')
+    title = lambda r: f'#{int(r["rank"])} {"".join(r.filter(like="grade_").dropna())} {r.mean_grade:.1f}' + (f' {r.truth_class}' if isinstance(r.get('truth_class'), str) else '')
     fig = stamp_gallery(np.stack([c.images[k] for k in t.task_id]), [title(r) for _, r in t.iterrows()],
                         t['known_lens_name'].notna().to_numpy() if 'known_lens_name' in t else None, suptitle=f'{len(t)} best-graded candidates')
     fig.savefig(path, dpi=110, format='png')
@@ -559,7 +566,10 @@ def main(argv:list|None=None)->int:
     for _, p, _ in tables:
         if not Path(p).exists(): ap.error(f'--table {p}: no such file or folder')
     from werkzeug.serving import make_server
-    srv = make_server(a.host, a.port, create_app(run, a.grader, a.top, tables), threaded=True)
+    app = create_app(run, a.grader, a.top, tables)
+    if not app.extensions['dhs_inspect'].sources:
+        ap.error(f'{run}: no candidates to grade (no {SOURCES["search"][0]}); run the search phase first (dhs run ... --only search) or give --table')
+    srv = make_server(a.host, a.port, app, threaded=True)
     print(f'dhs inspect: {run} at http://{a.host}:{srv.server_port}/ as grader {a.grader!r}; grades -> {grades_path(run)}; Ctrl-C to stop', flush=True)
     try: srv.serve_forever()
     except KeyboardInterrupt: pass
