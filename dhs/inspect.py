@@ -556,7 +556,9 @@ def main(argv:list|None=None)->int:
     ap = _parser(); a = ap.parse_args(argv)
     run = Path(a.run_dir)
     if not run.is_dir(): ap.error(f'{run}: no such run folder; give the folder of a `dhs run` (outputs/<run-id>)')
-    if a.export: print(json.dumps(export_grades(run, a.export), default=str)); return 0
+    if a.export:
+        try: print(json.dumps(export_grades(run, a.export), default=str)); return 0
+        except ValueError as e: ap.error(f'--export: {e}')
     if a.export_negatives:
         hn = graded_negatives(run); hn.to_parquet(a.export_negatives, index=False)
         print(f'{len(hn)} X-graded train/val candidates -> {a.export_negatives} (dhs manifest --extra-negatives)'); return 0
