@@ -229,9 +229,10 @@ def facts(row:pd.Series)->list[tuple[str, str]]:
     v = lambda c: row[c] if c in row and pd.notna(row[c]) else None
     bands = lambda p, fn: ' / '.join(fn(v(p + b)) for b in 'grz') if all(v(p + b) is not None for b in 'grz') else None
     logit = f' (logit {row.score_logit:.2f})' if v('score_logit') is not None else ''
+    mags = ', '.join(f'{b} {v("mag_" + b):.2f}' for b in 'grz' if v('mag_' + b) is not None)
     items = [('score', v('score') is not None and f'{row.score:.4f}{logit}'),
              ('RA, Dec [deg]', v('ra') is not None and f'{row.ra:.5f}, {row.dec:+.5f}'), ('brick', v('brickname')), ('host', v('host_id')),
-             ('host r, z [AB]', v('mag_r') is not None and f'{row.mag_r:.2f}, {row.get("mag_z", np.nan):.2f}'),
+             ('host mag [AB]', mags or None),
              ('host size [″]', v('shape_r') is not None and f'{row.shape_r:.2f}'), ('E(B−V)', v('ebv') is not None and f'{row.ebv:.3f}'),
              ('PSF FWHM g/r/z [″]', bands('psfsize_', '{:.2f}'.format)),
              ('5σ depth g/r/z [AB]', bands('galdepth_', lambda x: f'{float(depth5_mag(x)):.2f}')), ('split', v('region_split')),
