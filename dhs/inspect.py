@@ -16,16 +16,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 from scipy import ndimage
 from .gallery import asinh_rgb
+from .manifest import depth5_mag
 from .stamps import read_stamps, write_stamp_table, BINARY_COLUMNS
 
 # %% auto 0
 __all__ = ['GRADES', 'GRADE_MEANINGS', 'LENS_GRADES', 'GRADER_RE', 'SCHEMA', 'SOURCES', 'FACT_COLUMNS', 'TRUTH_COLUMNS',
            'STRETCHES', 'pages', 'GRID_PAGE', 'INFO_COLUMNS', 'grades_path', 'connect', 'check_grader', 'save_grade',
            'read_grades', 'Candidates', 'in_grading_order', 'split_truth', 'load_candidates', 'run_sources',
-           'example_run', 'azimuthal_median_residual', 'band_strip', 'composite', 'png_bytes', 'facts', 'lens_match',
-           'lens_reference', 'viewer_url', 'Inspector', 'home', 'resume', 'candidate', 'grid', 'image', 'grade',
-           'create_app', 'grade_table', 'grade_summary', 'export_grades', 'graded_negatives', 'graded_gallery', 'serve',
-           'show', 'main']
+           'example_run', 'azimuthal_median_residual', 'band_strip', 'composite', 'png_bytes', 'facts', 'lens_name',
+           'lens_match', 'lens_reference', 'viewer_url', 'Inspector', 'home', 'resume', 'candidate', 'grid', 'image',
+           'grade', 'create_app', 'grade_table', 'grade_summary', 'export_grades', 'graded_negatives', 'graded_gallery',
+           'serve', 'show', 'main']
 
 # %% ../nbs/47_inspect.ipynb
 GRADES = {'A': 3, 'B': 2, 'C': 1, 'X': 0}  # A sure lens, B probable, C possible, X not a lens; the values make `mean_grade`
@@ -225,7 +226,6 @@ def png_bytes(rgb:np.ndarray)->bytes:
 # %% ../nbs/47_inspect.ipynb
 def facts(row:pd.Series)->list[tuple[str, str]]:
     "(label, value) of what is known about a candidate, formatted: score, position, host, PSF, depth, split."
-    from dhs.manifest import depth5_mag
     v = lambda c: row[c] if c in row and pd.notna(row[c]) else None
     bands = lambda p, fn: ' / '.join(fn(v(p + b)) for b in 'grz') if all(v(p + b) is not None for b in 'grz') else None
     logit = f' (logit {row.score_logit:.2f})' if v('score_logit') is not None else ''
@@ -245,10 +245,14 @@ def _passes(row:pd.Series)->str|None:
     ok = [c[9:] for c in cols if pd.notna(row[c]) and bool(row[c])]
     return None if not cols else ('FPR ' + ', '.join(ok) if ok else 'no operating point')
 
+def lens_name(row:pd.Series)->str|None:
+    "The lenscat name matched to a candidate (search: known_lens_name; known lenses: lens_name), or None."
+    name = row.get('known_lens_name') or row.get('lens_name')
+    return name if isinstance(name, str) and name else None
+
 def lens_match(row:pd.Series)->dict|None:
     "The lenscat match of a candidate (name, grading, separation, reference link) or None."
-    name = row.get('known_lens_name') or row.get('lens_name')
-    if not isinstance(name, str) or not name: return None
+    if not (name := lens_name(row)): return None
     sep = row.get('known_lens_sep_arcsec')
     return dict(name=name, grading=row.get('known_lens_grading') or '?', sep=f'{sep:.1f}' if pd.notna(sep) else '', ref=lens_reference(name))
 
@@ -375,7 +379,7 @@ def grid(source:str):
     if not 1 <= page <= n_pages: abort(404, f'{source}: grid pages 1 to {n_pages}, not {page}')
     done = insp.graded(source, g)
     tiles = [dict(task_id=t, rank=int(r['rank']), score=_score(r), pos=int(r.pos), url=url_for('inspect.candidate', source=source, pos=int(r.pos)),
-                  grade=done.get(t, (None,))[0], lens=lens_match(r) is not None,
+                  grade=done.get(t, (None,))[0], lens=lens_name(r) is not None,
                   truth=(insp.truth_of(c, t, done.get(t, (None,))[0]) or {}).get('truth_class'))
              for t, r in c.rows.iloc[(page - 1) * GRID_PAGE: page * GRID_PAGE].iterrows()]
     return _page('grid.html', c, g, tiles=tiles, page=page, n_pages=n_pages)
@@ -424,6 +428,8 @@ def create_app(run_dir, grader:str='grader', top_n:int=500, tables:list|None=Non
     app = Flask(__name__, template_folder=str(ui/'templates'), static_folder=str(ui/'static'))
     app.extensions['dhs_inspect'] = Inspector(run, sources, grades_path(run), check_grader(grader), (run/'sky'/'mock_truth.parquet').exists())
     connect(grades_path(run)).close()     # the database and its tables exist before the first request
+    if any(c.rows.apply(lens_name, axis=1).notna().any() for c in sources.values() if len(c.rows)):
+        threading.Thread(target=_lenscat_refs, daemon=True).start()   # importing lenscat takes seconds: not at the first lens
     app.register_blueprint(pages)
     return app
 
