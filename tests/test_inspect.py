@@ -11,7 +11,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
-from dhs import inspect as I
+from dhs import inspection as I
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'   # Debian's chromium and chromium-driver
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
@@ -134,6 +134,9 @@ def test_bad_requests_get_a_4xx_and_write_nothing(example, tmp_path):
     assert _post(url + 'search/grade', task_id='search-nobody', grade='A')[0] == 404
     assert _post(url + 'search/grade', task_id=tid, grade='A', grader='../../etc')[0] == 400
     assert _post(url + 'elsewhere/grade', task_id=tid, grade='A')[0] == 404
+    form = urllib.request.Request(url + 'search/grade', f'task_id={tid}&grade=A'.encode(), method='POST')   # a form another site could post
+    with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(form, timeout=30)
+    assert e.value.code == 400 and 'send the grade as JSON' in json.loads(e.value.read())['error']
     for path in ('/static/../../../setup.py', '/static/..%2f..%2f..%2fsetup.py', '/static/%2e%2e/%2e%2e/dhs/inspect.py',
                  '/search/img/..%2f..%2fcandidates.parquet/asinh.png', '/search/img/../../search/candidates.parquet',
                  '/../../../../etc/passwd', f'/search/img/{tid}/log.png', '/search/99', '/search/0', '/search/grid?page=7',
