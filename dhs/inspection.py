@@ -126,16 +126,22 @@ def in_grading_order(df:pd.DataFrame, uri='table')->pd.DataFrame:
     return df.assign(pos=np.arange(1, len(df) + 1), rank=df['rank'] if 'rank' in df else np.arange(1, len(df) + 1))
 
 def split_truth(df:pd.DataFrame, truth_uri='')->tuple[pd.DataFrame, pd.DataFrame]:
-    "(rows without truth columns, truth_class and truth_is_lens per row): from the table, else joined from a mock truth table."
-    rows = df.drop(columns=[c for c in TRUTH_COLUMNS if c in df])
-    if 'truth_class' in df: return rows, df[[c for c in TRUTH_COLUMNS if c in df]]
-    if 'truth_is_lens' in df: return rows, pd.DataFrame({'truth_class': np.where(df.truth_is_lens.astype(bool), 'lens', 'not a lens'),
-                                                         'truth_is_lens': df.truth_is_lens.astype(bool)}, index=df.index)
-    if not truth_uri or not {'host_id', 'brickname'} <= set(df): return rows, pd.DataFrame(index=df.index[:0])
+    "(rows without truth columns, truth per row); an injection (is_control 0) is an 'injected lens' whatever its host."
+    rows, t = df.drop(columns=[c for c in TRUTH_COLUMNS if c in df]), _table_truth(df, truth_uri)
+    if len(t) and 'is_control' in df:
+        inj = df['is_control'].reindex(t.index).fillna(1).astype(int) == 0
+        t = t.astype({'truth_class': object}); t.loc[inj, TRUTH_COLUMNS] = ['injected lens', True]
+    return rows, t
+
+def _table_truth(df:pd.DataFrame, truth_uri='')->pd.DataFrame:
+    "truth_class and truth_is_lens of each row: the table's own columns, else joined from a mock truth table (empty if neither)."
+    if 'truth_class' in df: return df[[c for c in TRUTH_COLUMNS if c in df]]
+    if 'truth_is_lens' in df: return pd.DataFrame({'truth_class': np.where(df.truth_is_lens.astype(bool), 'lens', 'not a lens'),
+                                                   'truth_is_lens': df.truth_is_lens.astype(bool)}, index=df.index)
+    if not truth_uri or not {'host_id', 'brickname'} <= set(df): return pd.DataFrame(index=df.index[:0])
     from dhs.selection import with_truth_class
-    try: t = with_truth_class(df[['host_id', 'brickname']], pd.read_parquet(truth_uri))
-    except ValueError: return rows, pd.DataFrame(index=df.index[:0])    # host ids not of the parent sample: no truth to show
-    return rows, t[TRUTH_COLUMNS]
+    try: return with_truth_class(df[['host_id', 'brickname']], pd.read_parquet(truth_uri))[TRUTH_COLUMNS]
+    except ValueError: return pd.DataFrame(index=df.index[:0])    # host ids not of the parent sample: no truth to show
 
 # %% ../nbs/47_inspection.ipynb
 def _pixels(stamps_uri, ids:list)->tuple[dict, pd.DataFrame]:
@@ -148,6 +154,9 @@ def _pixels(stamps_uri, ids:list)->tuple[dict, pd.DataFrame]:
 
 def load_candidates(table_uri, stamps_uri='', name:str='table', label:str='', top_n:int=500, truth_uri='')->Candidates:
     "The first `top_n` candidates of a table in grading order, with their stamps, host facts and (apart) the mock truth."
+    names = pq.ParquetDataset(str(stamps_uri or table_uri)).schema.names
+    if not {'stamp', 'stamp_npz'} & set(names):
+        raise ValueError(f'{stamps_uri or table_uri}: no `stamp` column; give the stamp table holding the pixels of {table_uri} (--stamps)')
     rows, truth = split_truth(in_grading_order(_read_table(table_uri), table_uri).head(top_n), truth_uri)
     images, meta = _pixels(stamps_uri or table_uri, rows.index.tolist()) if len(rows) else ({}, pd.DataFrame())
     rows = rows[rows.index.isin(list(images))]
@@ -581,7 +590,8 @@ def _serve(ap, run:Path, a)->int:
     tables = _tables(a.table, a.stamps)
     for _, p, _ in tables:
         if not Path(p).exists(): ap.error(f'--table {p}: no such file or folder')
-    app = create_app(run, a.grader, a.top, tables)
+    try: app = create_app(run, a.grader, a.top, tables)
+    except ValueError as e: ap.error(str(e))
     if not app.extensions['dhs_inspect'].sources:
         ap.error(f'{run}: no candidates to grade (no {SOURCES["search"][0]}); run the search phase first (dhs run ... --only search) or give --table')
     from werkzeug.serving import make_server
