@@ -11,7 +11,7 @@ setup(
     author=c['author'], author_email=c['author_email'], license=c['license'],
     url=c['git_url'], python_requires='>=' + c['min_python'],
     packages=find_packages(include=['dhs', 'dhs.*']),
-    package_data={'dhs': ['*.json', 'data/*']}, include_package_data=True,
+    package_data={'dhs': ['*.json', 'data/*', 'inspect_ui/templates/*', 'inspect_ui/static/*']}, include_package_data=True,
     install_requires=c['requirements'].split(),
     extras_require={'dev': c['dev_requirements'].split()},
     entry_points={'console_scripts': c['console_scripts'].split(),

@@ -25,6 +25,7 @@ COMMANDS = {  # name -> (module with main(argv), one-line help)
     'hard-negatives': ('dhs.hardneg', 'mine high-scoring negatives for retraining'),
     'search': ('dhs.search', 'score every parent LRG of given bricks and rank candidates'),
     'completeness': ('dhs.selection', 'expected completeness of a lens population from a saved completeness surface'),
+    'inspect': ('dhs.inspection', 'grade search candidates in a browser (A/B/C/X), export grades, feed X grades back as hard negatives'),
 }
 BENCHES = {  # dhs bench <name> -> (module with main(argv), help)
     'inject': ('dhs.bench_inject', 'lensed-source rendering rate: dhs vs lenstronomy'),

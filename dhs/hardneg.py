@@ -14,7 +14,7 @@ from .tables import write_table
 from .gallery import table_gallery
 
 # %% auto 0
-__all__ = ['HardNegConfig', 'check_splits', 'mine', 'score_pool', 'with_truth', 'run_hardneg', 'main']
+__all__ = ['HardNegConfig', 'check_splits', 'mine', 'add_graded', 'score_pool', 'with_truth', 'run_hardneg', 'main']
 
 # %% ../nbs/44_hardneg.ipynb
 @dataclass
@@ -32,6 +32,7 @@ class HardNegConfig:
     batch_size:int = 256                      # scoring batch
     device:str = 'auto'                       # auto | cpu | cuda
     tta:bool = False                          # average the 8 flips and rotations
+    graded_uri:str = ''                       # vetted negatives added to the mined (dhs inspect --export-negatives: X grades, train/val)
 
 # %% ../nbs/44_hardneg.ipynb
 def check_splits(splits)->tuple:
@@ -47,6 +48,18 @@ def mine(pool:pd.DataFrame, n_top:int=100, min_score:float=0.0, splits=('train',
     p = p.sort_values(['score', 'task_id'], ascending=[False, True]).drop_duplicates('host_id').head(n_top)
     cols = ['host_id', 'region_split', 'score', 'score_logit', 'task_id', 'control_kind', 'brickname']
     return p[[c for c in cols if c in p]].reset_index(drop=True)
+
+# %% ../nbs/44_hardneg.ipynb
+def add_graded(neg:pd.DataFrame, graded_uri:str='', splits=('train', 'val'))->pd.DataFrame:
+    "Mined negatives (origin 'mined') plus the vetted ones of `graded_uri` (origin 'graded': dhs inspect's X grades), one row per host."
+    neg = neg.assign(origin='mined')
+    if not graded_uri: return neg
+    g = pd.read_parquet(graded_uri)
+    for c in ('host_id', 'region_split'):
+        if c not in g: raise ValueError(f'{graded_uri}: graded-negative table lacks column {c!r} (write it with dhs inspect --export-negatives)')
+    bad = g[~g['region_split'].isin(check_splits(splits))]
+    if len(bad): raise ValueError(f'{graded_uri}: host {bad.host_id.iloc[0]} is in split {bad.region_split.iloc[0]!r}; graded negatives come from {list(splits)} only')
+    return pd.concat([neg, g.assign(origin='graded')], ignore_index=True).drop_duplicates('host_id').reset_index(drop=True)
 
 # %% ../nbs/44_hardneg.ipynb
 def score_pool(cfg:HardNegConfig)->pd.DataFrame:
@@ -73,14 +86,14 @@ def run_hardneg(cfg:HardNegConfig, log=print)->dict:
     t0, out = time.time(), local_path(cfg.out_uri); out.mkdir(parents=True, exist_ok=True)
     pool = score_pool(cfg)
     if not len(pool): raise ValueError(f'{cfg.scores_uri or cfg.stamps_uri}: no controls in splits {cfg.splits} to mine')
-    neg = with_truth(mine(pool, cfg.n_top, cfg.min_score, cfg.splits), cfg.parent_uri, cfg.truth_uri)
+    neg = with_truth(add_graded(mine(pool, cfg.n_top, cfg.min_score, cfg.splits), cfg.graded_uri, cfg.splits), cfg.parent_uri, cfg.truth_uri)
     write_table(neg, out/'hard_negatives', dict(config=cfg, phase='hard-negatives'))
     if len(neg) and cfg.stamps_uri:
-        g = neg.head(cfg.gallery_n).assign(known_lens_name=None)
+        g = neg[neg.origin == 'mined'].head(cfg.gallery_n).assign(known_lens_name=None)   # graded ones have no stamp in this table
         table_gallery(cfg.stamps_uri, g, out/'hard_negatives_gallery.png', f'top {len(g)} hard negatives of {len(pool)} controls',
                 lambda r: f'{r.region_split} {r.score:.3f}' + (f'\n{r.truth_class}' if 'truth_class' in g else ''))
     summary = provenance(cfg, phase='hard-negatives', n_pool=len(pool), n_pool_hosts=int(pool.host_id.nunique()), n_negatives=len(neg),
-                         by_split=neg.region_split.value_counts().to_dict(), score_min=float(neg.score.min()) if len(neg) else None,
+                         n_graded=int((neg.origin == 'graded').sum()),                         by_split=neg.region_split.value_counts().to_dict(), score_min=float(neg.score.min()) if len(neg) else None,
                          truth_classes=neg.truth_class.value_counts().to_dict() if 'truth_class' in neg else None,
                          seconds=round(time.time() - t0, 1))
     write_json(summary, out/'hardneg_summary.json')
@@ -103,10 +116,11 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--parent', default='', help='phase 3 hosts, to carry the hosts\' columns into the table')
     ap.add_argument('--truth', default='', help='mock sky truth table (mock_truth.parquet), for the contaminant classes')
     ap.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    ap.add_argument('--graded', default='', help='vetted negatives to add (dhs inspect RUN --export-negatives: X-graded train/val candidates)')
     a = ap.parse_args(argv)
     if not a.checkpoint and not a.scores: ap.error('give --checkpoint or --scores')
     s = run_hardneg(HardNegConfig(stamps_uri=a.stamps, checkpoints=a.checkpoint, scores_uri=a.scores, out_uri=a.out, n_top=a.n_top,
                                   min_score=a.min_score, splits=tuple(a.split or ('train', 'val')), parent_uri=a.parent,
-                                  truth_uri=a.truth, device=a.device))
+                                  truth_uri=a.truth, device=a.device, graded_uri=a.graded))
     print(json.dumps({k: s[k] for k in ('n_pool', 'n_negatives', 'by_split', 'seconds')}))
     return 0
