@@ -17,11 +17,11 @@ from .psf import FWHM_PER_SIGMA, pixel_noise_sigma
 from .survey import depth5_ivar, PIXSCALE_ARCSEC
 
 # %% auto 0
-__all__ = ['FILTER_COLUMNS', 'CONDITION_COLUMNS', 'Filters', 'select_rows', 'list_parquet', 'StampIndex', 'build_index',
-           'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array', 'StampDataset',
-           'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip', 'radial_residual',
-           'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch', 'kernel_power',
-           'draw_conditions', 'degrade', 'prepare_batch']
+__all__ = ['FILTER_COLUMNS', 'LENS_LIKE', 'CONDITION_COLUMNS', 'Filters', 'lens_like', 'select_rows', 'list_parquet',
+           'StampIndex', 'build_index', 'batches_per_rank', 'shard_range', 'epoch_pieces', 'meta_chain', 'meta_array',
+           'StampDataset', 'index_columns', 'Preprocess', 'radius_pix', 'robust_normalize', 'soft_clip',
+           'radial_residual', 'preprocess', 'dihedral', 'random_dihedral', 'Augment', 'fourier_transform_batch',
+           'kernel_power', 'draw_conditions', 'degrade', 'prepare_batch']
 
 # %% ../nbs/30_data.ipynb
 @dataclass
@@ -29,12 +29,20 @@ class Filters:
     "Which rows form the sample; every filter applies to injections and controls alike."
     min_theta_over_psf:float = 0.0     # theta_E / PSF FWHM (r) >= this [-]
     min_arc_snr:float = 0.0            # matched-filter arc S/N in r >= this (shadow arc for controls)
+    min_magnification:float = 0.0      # total magnification of the source >= this
+    min_tangential_stretch:float = 0.0 # tangential stretch at the brightest image >= this
     source_kinds:list = field(default_factory=list)   # keep these source_kind values (empty: all)
     control_kinds:list = field(default_factory=list)  # keep controls of these control_kind values (empty: all); injections kept
     require_ok:bool = True             # drop rows with cutout_ok != 1
 
 FILTER_COLUMNS = ('region_split', 'is_control', 'cutout_ok', 'theta_e_arcsec', 'theta_over_psf', 'psf_fwhm_used_r',
-                  'psfsize_r', 'arc_snr', 'source_kind', 'control_kind')
+                  'psfsize_r', 'arc_snr', 'magnification', 'tangential_stretch', 'source_kind', 'control_kind')
+
+LENS_LIKE = dict(min_magnification=3.0, min_tangential_stretch=2.0, min_arc_snr=20.0, min_theta_over_psf=0.8)  # see the prose
+
+def lens_like(**overrides)->Filters:
+    "The training population of visible, resolved arcs and rings (`LENS_LIKE`), with `overrides`."
+    return Filters(**{**LENS_LIKE, **overrides})
 
 # %% ../nbs/30_data.ipynb
 def select_rows(df:pd.DataFrame, splits:list|None, f:Filters)->np.ndarray:
@@ -44,6 +52,8 @@ def select_rows(df:pd.DataFrame, splits:list|None, f:Filters)->np.ndarray:
     if f.require_ok and 'cutout_ok' in df: keep &= df['cutout_ok'].to_numpy() == 1
     if f.min_theta_over_psf > 0: keep &= theta_over_psf(df).to_numpy() >= f.min_theta_over_psf     # NaN fails: unknown is not kept
     if f.min_arc_snr > 0: keep &= df['arc_snr'].to_numpy(float) >= f.min_arc_snr
+    if f.min_magnification > 0: keep &= df['magnification'].to_numpy(float) >= f.min_magnification
+    if f.min_tangential_stretch > 0: keep &= df['tangential_stretch'].to_numpy(float) >= f.min_tangential_stretch
     if f.source_kinds: keep &= df['source_kind'].isin(list(f.source_kinds)).to_numpy()
     if f.control_kinds: keep &= (df['is_control'].to_numpy() == 0) | df['control_kind'].isin(list(f.control_kinds)).to_numpy()
     return keep
@@ -121,6 +131,7 @@ def _shape_of(df:pd.DataFrame)->tuple|None:
 def _check_filter_columns(df:pd.DataFrame, splits, f:Filters, path:str):
     "Name the missing column a requested filter needs."
     need = ['is_control'] + (['region_split'] if splits is not None else []) + (['arc_snr'] if f.min_arc_snr > 0 else []) \
+         + (['magnification'] if f.min_magnification > 0 else []) + (['tangential_stretch'] if f.min_tangential_stretch > 0 else []) \
          + (['source_kind'] if f.source_kinds else []) + (['control_kind'] if f.control_kinds else []) \
          + (['theta_e_arcsec'] if f.min_theta_over_psf > 0 and 'theta_over_psf' not in df else [])
     missing = [c for c in need if c not in df]

@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from scipy import ndimage
 from .gallery import asinh_rgb
+from .gates import azimuthal_median
 from .survey import depth5_mag
 from .guard import ArgumentParser, nonneg_int, positive_int
-from .stamps import read_stamps, write_stamp_table, BINARY_COLUMNS
+from .stamps import read_stamps, BINARY_COLUMNS
 
 # %% auto 0
 __all__ = ['GRADES', 'GRADE_MEANINGS', 'LENS_GRADES', 'GRADER_RE', 'SCHEMA', 'SOURCES', 'FACT_COLUMNS', 'TRUTH_COLUMNS',
            'STRETCHES', 'pages', 'GRID_PAGE', 'INFO_COLUMNS', 'grades_path', 'connect', 'check_grader', 'save_grade',
            'read_grades', 'Candidates', 'in_grading_order', 'split_truth', 'load_candidates', 'run_sources',
-           'example_run', 'azimuthal_median_residual', 'band_strip', 'composite', 'png_bytes', 'facts', 'lens_name',
-           'lens_match', 'lens_reference', 'viewer_url', 'Inspector', 'home', 'resume', 'candidate', 'grid', 'image',
-           'grade', 'create_app', 'grade_table', 'grade_summary', 'export_grades', 'graded_negatives', 'graded_gallery',
-           'serve', 'show', 'main']
+           'azimuthal_median_residual', 'band_strip', 'composite', 'png_bytes', 'facts', 'lens_name', 'lens_match',
+           'lens_reference', 'viewer_url', 'Inspector', 'home', 'resume', 'candidate', 'grid', 'image', 'grade',
+           'create_app', 'grade_table', 'grade_summary', 'export_grades', 'graded_negatives', 'graded_gallery', 'serve',
+           'show', 'main']
 
 # %% ../nbs/47_inspection.ipynb
 GRADES = {'A': 3, 'B': 2, 'C': 1, 'X': 0}  # A sure lens, B probable, C possible, X not a lens; the values make `mean_grade`
@@ -173,49 +173,13 @@ def run_sources(run_dir, top_n:int=500, names=None)->dict:
             for k, (t, s, label) in SOURCES.items() if (names is None or k in names) and (run/t).exists() and (run/s).exists()}
 
 # %% ../nbs/47_inspection.ipynb
-def example_run(run_dir, n:int=12, seed:int=0, mock:bool=True)->Path:
-    "A run folder with `n` search candidates (synthetic stamps, half lensed), a lenscat match at rank 3, and a mock truth table."
-    from dhs.data import synthetic_stamp_table
-    import pyarrow as pa
-    run, t = Path(run_dir), synthetic_stamp_table(n, seed)
-    host = [f'10_331122_{i}' for i in range(n)]
-    t = t.set_column(t.schema.get_field_index('host_id'), 'host_id', pa.array(host))
-    t = t.set_column(t.schema.get_field_index('brickname'), 'brickname', pa.array(['1500p020'] * n))
-    (run/'search'/'search'/'stamps').mkdir(parents=True, exist_ok=True)
-    write_stamp_table(t, run/'search'/'search'/'stamps'/'part-0.parquet')
-    m = t.drop(['stamp']).to_pandas()
-    _example_candidates(m).to_parquet(run/'search'/'candidates.parquet', index=False)
-    if mock: _example_truth(m).to_parquet((run/'sky').mkdir(parents=True, exist_ok=True) or run/'sky'/'mock_truth.parquet', index=False)
-    return run
-
-def _example_candidates(m:pd.DataFrame)->pd.DataFrame:
-    "Candidate table of the example run, in the search phase's columns, ranked as stored; rank 3 a lenscat match."
-    n = len(m)
-    cand = pd.DataFrame(dict(rank=np.arange(1, n + 1), host_id=m.host_id, brickname='1500p020', objid=np.arange(n), ra=m.ra,
-                             dec=m.dec + 0.01 * np.arange(n), score=np.linspace(0.99, 0.4, n), score_logit=0.0, known_lens_name=None,
-                             known_lens_grading=None, region_split=m.region_split, cutout_ok=1, failure_reason='', task_id=m.task_id))
-    cand.loc[2, ['known_lens_name', 'known_lens_grading']] = ['J1000+0200', 'confident']
-    return cand
-
-def _example_truth(m:pd.DataFrame)->pd.DataFrame:
-    "Mock truth of the example run: each host an LRG, a lensed source on the injected rows, a contaminant on the controls."
-    n, kinds = len(m), ['spiral', 'ring', 'merger']
-    own = pd.DataFrame(dict(brickname='1500p020', objid=np.arange(n), host_objid=-1, cls='lrg', is_lens=False, lenscat_name=''))
-    feat = pd.DataFrame(dict(brickname='1500p020', objid=-1, host_objid=np.arange(n), is_lens=m.is_control.to_numpy() == 0, lenscat_name='',
-                             cls=[('lensed_source' if c == 0 else kinds[i % 3]) for i, c in enumerate(m.is_control)]))
-    return pd.concat([own, feat], ignore_index=True)
-
-# %% ../nbs/47_inspection.ipynb
 STRETCHES = {'asinh': 'g, r, z composite (asinh)', 'residual': 'minus the azimuthal median profile',
              'bands': 'g | r | z, each its own asinh stretch'}
 
 def azimuthal_median_residual(stamp:np.ndarray)->np.ndarray:
-    "(3, N, N) stamp minus, band by band, its median in 1-pixel annuli about the host pixel (N//2, N//2) [nmgy]."
+    "(3, N, N) stamp minus, band by band, its median in 1-pixel rings about the host pixel (`dhs.gates.azimuthal_median`) [nmgy]."
     x = np.nan_to_num(np.asarray(stamp, 'f8'))
-    yy, xx = np.indices(x.shape[-2:])
-    ring = np.rint(np.hypot(xx - x.shape[-1] // 2, yy - x.shape[-2] // 2)).astype(int) + 1
-    prof = np.stack([np.asarray(ndimage.median(b, labels=ring, index=np.arange(1, ring.max() + 1))) for b in x])
-    return (x - prof[:, ring - 1]).astype('f4')
+    return (x - azimuthal_median(x[None])[0]).astype('f4')
 
 def band_strip(stamp:np.ndarray, gap_pix:int=2)->np.ndarray:
     "(N, 3N + 2 gap, 3) RGB: grey g | r | z panels, each asinh-stretched by its own noise and 99.5th percentile."

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import provenance, write_json, runs_dir
 from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, list_of, nonneg, nonneg_int, number, open_fraction,
-                       optional, positive, positive_int, power_of_two, proper_fraction)
+                       one_of, optional, positive, positive_int, power_of_two, proper_fraction)
 
 # %% auto 0
 __all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset',
@@ -47,7 +47,7 @@ DR10_BASE_URI = 'https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10'
 
 PRESETS = {
     'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
-                   {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}),
+                   {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}, {'train': {'population': 'all'}}),   # too few lens-like rows for a batch
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
                    {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}, 'evaluate': {'headline_fpr': 1e-2}}),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
@@ -84,7 +84,9 @@ PARAM_CHECKS = {  # phase -> parameter -> range check, beyond the type of the pa
                      min_theta_over_psf=nonneg),
     'cache': dict(threads=positive_int),
     'inject': dict(max_fail_frac=fraction, tasks_per_file=positive_int, gallery_per_bin=nonneg_int, bench_tasks=nonneg_int),
-    'train': dict(n_synthetic=positive_int, epochs=nonneg_int, batch_size=nonneg_int, num_workers=nonneg_int, n_models=positive_int),
+    'train': dict(n_synthetic=positive_int, epochs=nonneg_int, batch_size=nonneg_int, num_workers=nonneg_int, n_models=positive_int,
+                  population=one_of('lens-like', 'all'), min_magnification=nonneg, min_tangential_stretch=nonneg, min_arc_snr=nonneg,
+                  min_theta_over_psf=nonneg),
     'evaluate': dict(headline_fpr=open_fraction, min_theta_over_psf=nonneg, cl=open_fraction, n_boot=positive_int,
                      prevalence=open_fraction, gate_max_stamps=positive_int),
     'hardneg': dict(n_top=positive_int, target_fprs=list_of(open_fraction), finetune_epochs=nonneg_int, finetune_lr_frac=positive),

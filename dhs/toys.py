@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 # %% auto 0
 __all__ = ['TRUTH_CLASSES', 'TOY_NOISE', 'TOY_HOST_COLOUR', 'TOY_SOURCE_COLOUR', 'pixel_grid', 'pixel_mean',
            'synthetic_stamp_table', 'synthetic_score_table', 'toy_gate_set', 'asymmetry_excess', 'toy_score_fn',
-           'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table', 'mock_brick_case']
+           'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table', 'mock_brick_case', 'example_search_run']
 
 # %% ../nbs/09_toys.ipynb
 def pixel_grid(size:int, oversample:int=1, dx:float=0.0, dy:float=0.0, pixscale:float=PIXSCALE_ARCSEC):
@@ -73,9 +73,11 @@ def _render_arc(rng, size, fwhm, host_mag_r):
     bx, by = ray_shoot(x, y, lens)
     sb = pixel_mean(sersic_sb(bx, by, 1.0, reff, n_s, q_s, phi_s, xs, ys), 4) * PIXSCALE_ARCSEC ** 2
     img = np.stack([convolve(sb * f, gaussian_kernel(fwhm[b])) for f, b in zip(fl, 'grz')])
+    from dhs.inject import lens_metrics     # phase 4c's definition of the stretch
     return img, dict(theta_e_arcsec=theta_e, src_dmag=dmag, src_reff_arcsec=reff, src_x_arcsec=xs, src_y_arcsec=ys,
                      lens_q=lens.q, lens_phi_rad=lens.phi, gamma1=lens.gamma1, gamma2=lens.gamma2,
-                     magnification=float(sb.sum()), lensed_flux_r=float(img[1].sum()))
+                     magnification=float(sb.sum()), lensed_flux_r=float(img[1].sum()),
+                     tangential_stretch=lens_metrics(dict(src_x_arcsec=xs, src_y_arcsec=ys), lens)['tangential_stretch'])
 
 # %% ../nbs/09_toys.ipynb
 _SPLIT_CYCLE = 'tvtsttvtsttttvtstttt'   # 20 regions: 14 train, 3 val, 3 test; the first 4 already hold all three
@@ -390,3 +392,35 @@ def mock_brick_case():
     k.img_t, k.iv_t, k.mb_t = make_images(np.random.default_rng(14), k.model_t, k.tt_maps, tb, MockSkyConfig(bad_regions_per_band=3.0),
                                           np.array([bp.g_eff for bp in k.psfs.values()]))
     return k
+
+# %% ../nbs/09_toys.ipynb
+def example_search_run(run_dir, n:int=12, seed:int=0, mock:bool=True)->Path:
+    "A run folder with `n` search candidates (synthetic stamps, half lensed), a lenscat match at rank 3, and a mock truth table."
+    from dhs.stamps import write_stamp_table
+    run, t = Path(run_dir), synthetic_stamp_table(n, seed)
+    host = [f'10_331122_{i}' for i in range(n)]
+    t = t.set_column(t.schema.get_field_index('host_id'), 'host_id', pa.array(host))
+    t = t.set_column(t.schema.get_field_index('brickname'), 'brickname', pa.array(['1500p020'] * n))
+    (run/'search'/'search'/'stamps').mkdir(parents=True, exist_ok=True)
+    write_stamp_table(t, run/'search'/'search'/'stamps'/'part-0.parquet')
+    m = t.drop(['stamp']).to_pandas()
+    _search_candidates(m).to_parquet(run/'search'/'candidates.parquet', index=False)
+    if mock: _search_truth(m).to_parquet((run/'sky').mkdir(parents=True, exist_ok=True) or run/'sky'/'mock_truth.parquet', index=False)
+    return run
+
+def _search_candidates(m:pd.DataFrame)->pd.DataFrame:
+    "Candidate table of the example run, in the search phase's columns, ranked as stored; rank 3 a lenscat match."
+    n = len(m)
+    cand = pd.DataFrame(dict(rank=np.arange(1, n + 1), host_id=m.host_id, brickname='1500p020', objid=np.arange(n), ra=m.ra,
+                             dec=m.dec + 0.01 * np.arange(n), score=np.linspace(0.99, 0.4, n), score_logit=0.0, known_lens_name=None,
+                             known_lens_grading=None, region_split=m.region_split, cutout_ok=1, failure_reason='', task_id=m.task_id))
+    cand.loc[2, ['known_lens_name', 'known_lens_grading']] = ['J1000+0200', 'confident']
+    return cand
+
+def _search_truth(m:pd.DataFrame)->pd.DataFrame:
+    "Mock truth of the example run: each host an LRG, a lensed source on the injected rows, a contaminant on the controls."
+    n, kinds = len(m), ['spiral', 'ring', 'merger']
+    own = pd.DataFrame(dict(brickname='1500p020', objid=np.arange(n), host_objid=-1, cls='lrg', is_lens=False, lenscat_name=''))
+    feat = pd.DataFrame(dict(brickname='1500p020', objid=-1, host_objid=np.arange(n), is_lens=m.is_control.to_numpy() == 0, lenscat_name='',
+                             cls=[('lensed_source' if c == 0 else kinds[i % 3]) for i, c in enumerate(m.is_control)]))
+    return pd.concat([own, feat], ignore_index=True)

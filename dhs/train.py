@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 from .metrics import tpr_at_fpr, auroc
 from .core import atomic_path, config_dict, config_from_dict, provenance, write_json
-from .data import Filters, Preprocess, Augment, StampDataset, prepare_batch, index_columns, meta_array
+from .data import LENS_LIKE, Filters, Preprocess, Augment, StampDataset, prepare_batch, index_columns, meta_array
 from .models import BACKBONES, LensFinder, meta_features, model_from_state, metadata_leakage
 from .guard import (ArgumentParser, UserError, check_config, claim_output, fingerprint, fraction, integer, nonneg, nonneg_int, one_of,
                        open_fraction, positive, positive_int)
@@ -460,13 +460,17 @@ def main(argv:list|None=None)->int:
                            ('lr', positive, 'peak learning rate'), ('device', str, "'auto', 'cpu', 'cuda' or 'cuda:N'"),
                            ('num-workers', nonneg_int, 'DataLoader workers per rank'), ('seed', integer, 'seed of all randomness')]:
         ap.add_argument(f'--{name}', type=tp, help=f'{what} (TrainConfig.{name.replace("-", "_")}; default: the preset\'s)')
-    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any TrainConfig field, e.g. preprocess.clip=hard (repeatable)')
+    ap.add_argument('--population', default='lens-like', choices=['lens-like', 'all'], help='rows trained on: lens-like (visible, resolved arcs: '
+                    'dhs.data.LENS_LIKE cuts on magnification, tangential stretch, arc S/N and theta_E/psfsize, both classes) or all (default lens-like)')
+    ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='any TrainConfig field, e.g. preprocess.clip=hard or filters.min_arc_snr=10 (repeatable)')
     ap.add_argument('--resume', action='store_true', help='continue from OUT/last.pt if it exists (same settings only)')
     ap.add_argument('--force', action='store_true', help='discard an output folder written with other settings or stamps')
     a = ap.parse_args(argv)
     sets = {k.replace('-', '_'): getattr(a, k.replace('-', '_')) for k in ['arch', 'epochs', 'batch-size', 'lr', 'device', 'num-workers', 'seed']
             if getattr(a, k.replace('-', '_')) is not None}
-    cfg = config_from_args(a.preset, {**_parse_set(a.set), **sets, 'stamps': a.stamps, 'out_dir': a.out, 'val_stamps': a.val_stamps})
+    given = _parse_set(a.set)
+    if a.population == 'lens-like': given['filters'] = {**LENS_LIKE, **given.get('filters', {})}   # --set filters.* refine the cut
+    cfg = config_from_args(a.preset, {**given, **sets, 'stamps': a.stamps, 'out_dir': a.out, 'val_stamps': a.val_stamps})
     r = fit(cfg, resume=a.resume, force=a.force)
     if int(os.environ.get('RANK', 0)) == 0: print(json.dumps({k: v for k, v in r.items() if k != 'history'}, default=str))
     return 0

@@ -12,6 +12,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from dhs import inspection as I
+from dhs.toys import example_search_run
 
 CHROMIUM, CHROMEDRIVER = '/usr/bin/chromium', '/usr/bin/chromedriver'   # Debian's chromium and chromium-driver
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
@@ -41,7 +42,7 @@ def page(browser):
 @pytest.fixture
 def example(tmp_path):
     "A small self-made run (12 synthetic candidates, mock truth) served on a free port of 127.0.0.1: (run folder, URL)."
-    run = I.example_run(tmp_path/'run', n=12)
+    run = example_search_run(tmp_path/'run', n=12)
     srv, url = I.serve(run, grader='ann')
     yield run, url
     srv.shutdown()
