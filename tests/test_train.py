@@ -86,7 +86,7 @@ def test_torchrun_two_ranks_gloo(stamps, tmp_path):
     out = tmp_path / 'ddp'
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'dhs.train', str(path),
-           '--out', str(out), '--preset', 'cpu-demo', '--epochs', '2', '--batch-size', '8', '--num-workers', '1', '--set', 'progress=False']
+           '--out', str(out), '--preset', 'cpu-demo', '--epochs', '2', '--batch-size', '8', '--num-workers', '1', '--population', 'all', '--set', 'progress=False']
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])                  # rank 0 prints one summary line
