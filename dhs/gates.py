@@ -18,16 +18,20 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from .core import config_dict, provenance, write_json, atomic_path
 from .guard import ArgumentParser, nonneg_int, open_fraction, positive_int, integer, number
-from .metrics import auroc, psf_fwhm_r
+from .metrics import auroc, psf_fwhm_r, clopper_pearson
 from .tables import latex_table, latex_escape
-from .stamps import read_stamps
+from .stamps import read_stamps, theta_over_psf
 from .inject import psf_variants, stamp_inject_config
+from scipy.ndimage import distance_transform_edt
+from .lensing import Lens, ray_shoot, image_positions
+from .render import pixel_centres
 
 # %% auto 0
-__all__ = ['META_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric', 'core_radius_injection',
-           'core_radii', 'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'annulus_mask',
-           'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport',
-           'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'psf_swap_gate', 'run_gates',
+__all__ = ['META_COLUMNS', 'LENS_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric',
+           'core_radius_injection', 'predicted_images', 'annulus_mask', 'image_region', 'core_radii', 'core_masks',
+           'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'azimuthal_median', 'suppress_annulus',
+           'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport', 'core_only_gate',
+           'radial_profile_gates', 'metadata_gate', 'score_gates', 'flux_excess_gate', 'psf_swap_gate', 'run_gates',
            'load_gate_inputs', 'load_psf_swap', 'load_scorer', 'main', 'model_auroc_result']
 
 # %% ../nbs/42_gates.ipynb
@@ -50,11 +54,18 @@ class GateConfig:
     core_noise_frac:float = 0.1         # injection rule: core = r below the first pixel where |injection| >= this x noise sigma
     core_fwhm_margin:float = 1.5        # geometric rule: core = r < theta_E/pix - this x FWHM/pix
     core_cap_pix:float = 8.0            # core pixels used as features lie within this radius [pixels]
+    image_margin_fwhm:float = 1.5       # images rule: the core leaves out pixels within this x FWHM of the predicted images
+    min_core_pixels:int = 5             # a stamp enters the core gates with at least this many core pixels
     min_core_stamps:int = 50            # fewer stamps per class with a non-empty core: gate not run
     radial_max_pix:float = 0.0          # outer radius of the radial profile [pixels]; 0 = half the stamp
     annulus_fwhm:float = 1.5            # arc annulus half-width [FWHM] around theta_E
     ring_snr:float = 10.0               # matched-filter S/N (r band) of the counterfactual ring
     ring_colour:tuple = (0.76, 1.0, 1.2)  # ring flux g:r:z (g-r = 0.3, r-z = 0.2: a blue source)
+    unresolved_ratio_max:float = 0.5    # flux-excess gate: unresolved lenses have theta_E/psfsize_r below this
+    resolved_ratio_min:float = 1.0      # ... and resolved ones at least this
+    flux_excess_ratio_max:float = 0.5   # completeness of unresolved / resolved lenses at the operating threshold must stay below this
+    operating_fpr:float = 0.01          # no operating threshold given: the score quantile of the set's negatives at this FPR
+    min_flux_excess:int = 20            # fewer unresolved (or resolved) lenses: flux-excess gate not run
     psf_swap_ks_max:float = 0.15        # largest two-sample KS distance between the scores through the survey PSF and an alternative
     psf_swap_n:int = 300                # injections re-rendered per PSF model (a random subsample of the split)
     min_psf_swap:int = 50               # fewer injections with the survey's coadd PSF: gate not run
@@ -85,6 +96,40 @@ def core_radius_injection(inj:np.ndarray, sigma:np.ndarray, frac:float=0.1)->np.
     hot = (np.abs(inj) >= frac * sigma[:, :, None, None]).any(axis=1)
     return np.where(hot, r[None], float(inj.shape[-1])).reshape(len(inj), -1).min(axis=1)
 
+# %% ../nbs/42_gates.ipynb
+LENS_COLUMNS = ('theta_e_arcsec', 'lens_q', 'lens_phi_rad', 'gamma1', 'gamma2', 'src_x_arcsec', 'src_y_arcsec', 'src_reff_arcsec')
+
+def predicted_images(row:dict, size:int, pixscale:float=0.262)->np.ndarray:
+    "(N, N) True on the pixels whose rays land in the source's half-light disc and on those holding a point image of its centre."
+    lens, sx, sy = Lens(*(float(row[c]) for c in LENS_COLUMNS[:5])), float(row['src_x_arcsec']), float(row['src_y_arcsec'])
+    dx, dy = (float(row.get(c, 0.0) or 0.0) for c in ('stamp_dx_pix', 'stamp_dy_pix'))  # host offset from pixel (N//2, N//2)
+    bx, by = ray_shoot(*pixel_centres(size, pixscale, dx, dy), lens)
+    hit = np.hypot(bx - sx, by - sy) < max(float(row['src_reff_arcsec']), pixscale / 2)
+    xi, yi, _ = image_positions(sx, sy, lens, mu=False)
+    col, rw = np.rint(xi / pixscale + size // 2 + dx).astype(int), np.rint(yi / pixscale + size // 2 + dy).astype(int)
+    on = (col >= 0) & (col < size) & (rw >= 0) & (rw < size)
+    hit[rw[on], col[on]] = True
+    return hit
+
+# %% ../nbs/42_gates.ipynb
+def annulus_mask(theta_e, psf_fwhm, size:int, width_fwhm:float=1.5, pixscale:float=0.262)->np.ndarray:
+    "(n, N, N) True within width x FWHM of the Einstein radius."
+    r = radius_pix(size)[None]
+    t, w = np.asarray(theta_e, float)[:, None, None] / pixscale, width_fwhm * np.asarray(psf_fwhm, float)[:, None, None] / pixscale
+    return np.abs(r - t) <= w
+
+def image_region(meta:pd.DataFrame, psf_fwhm, size:int, margin_fwhm:float=1.5, pixscale:float=0.262)->np.ndarray:
+    "(n, N, N) True within margin x FWHM of each row's predicted images; rows without finite lens parameters: the annulus around theta_E."
+    fwhm = np.asarray(psf_fwhm, float)
+    out = annulus_mask(meta['theta_e_arcsec'].to_numpy(float), fwhm, size, margin_fwhm, pixscale)
+    if not set(LENS_COLUMNS) <= set(meta): return out
+    ok = np.isfinite(meta[list(LENS_COLUMNS)].to_numpy(float)).all(axis=1) & np.isfinite(fwhm)
+    for i, row in zip(np.flatnonzero(ok), meta.iloc[np.flatnonzero(ok)].to_dict('records')):
+        hit = predicted_images(row, size, pixscale)
+        if hit.any(): out[i] = distance_transform_edt(~hit) <= margin_fwhm * fwhm[i] / pixscale
+    return out
+
+# %% ../nbs/42_gates.ipynb
 def core_radii(n:int, theta_e=None, psf_fwhm=None, inj=None, sigma=None, cfg:GateConfig|None=None)->tuple[np.ndarray, str]:
     "Core radius of every stamp [pixels] and the rule used ('injection' or 'geometric')."
     cfg = cfg or GateConfig()
@@ -95,26 +140,43 @@ def core_radii(n:int, theta_e=None, psf_fwhm=None, inj=None, sigma=None, cfg:Gat
                          '(negatives: their shadow theta_E)')
     return core_radius_geometric(theta_e, psf_fwhm, cfg.core_fwhm_margin, cfg.pixscale), 'geometric'
 
+def core_masks(n:int, size:int, theta_e=None, psf_fwhm=None, inj=None, sigma=None, region=None, cfg:GateConfig|None=None)->tuple[np.ndarray, str]:
+    "(n, N, N) core pixels of every stamp (within `core_cap_pix`) and the rule used: 'injection', 'images' (`region` given) or 'geometric'."
+    cfg = cfg or GateConfig()
+    r = radius_pix(size)[None]
+    full = inj is not None and not (np.abs(inj).reshape(n, -1).max(axis=1) == 0).any()
+    if region is not None and not full: return (r < cfg.core_cap_pix) & ~np.asarray(region, bool), 'images'
+    radii, rule = core_radii(n, theta_e, psf_fwhm, inj, sigma, cfg)
+    return (r < cfg.core_cap_pix) & (r < np.asarray(radii, float)[:, None, None]), rule
+
 # %% ../nbs/42_gates.ipynb
 def scaled_by_noise(images:np.ndarray, sigma:np.ndarray)->np.ndarray:
     "asinh(x / sigma_band): pixels in noise units, compressed."
     return np.arcsinh(images / np.maximum(sigma, 1e-12)[:, :, None, None])
 
-def core_features(images:np.ndarray, radii:np.ndarray, sigma:np.ndarray, cap_pix:float=8.0)->np.ndarray:
-    "(n, features): scaled pixels with r < cap (zero outside each stamp's core) and the per-band core mean."
-    r = radius_pix(images.shape[-1])
-    disk = r < cap_pix
-    inside = (r[disk][None, :] < radii[:, None])                     # (n, pixels in the cap disk)
+def _inside(core, size:int, disk:np.ndarray)->np.ndarray:
+    "(n, pixels of the disk) core membership from (n, N, N) masks or (n,) radii [pixels]."
+    core = np.asarray(core)
+    return core[:, disk] if core.ndim == 3 else radius_pix(size)[disk][None, :] < core[:, None]
+
+def core_features(images:np.ndarray, core, sigma:np.ndarray, cap_pix:float=8.0)->np.ndarray:
+    "(n, features): scaled pixels with r < cap (zero outside each stamp's core: (n, N, N) masks or (n,) radii) and the per-band core mean."
+    disk = radius_pix(images.shape[-1]) < cap_pix
+    inside = _inside(core, images.shape[-1], disk)                     # (n, pixels in the cap disk)
     px = scaled_by_noise(images, sigma)[:, :, disk] * inside[:, None, :]
     mean = px.sum(-1) / np.maximum(inside.sum(-1), 1)[:, None]
     return np.concatenate([px.reshape(len(images), -1), mean], axis=1)
 
 def radial_profiles(images:np.ndarray, sigma:np.ndarray, r_max_pix:float=0.0, exclude=None)->np.ndarray:
-    "(n, bands x rings): azimuthal mean of the scaled pixels in 1-pixel rings out to r_max; rings meeting exclude[i] = (r_in, r_out) zeroed."
-    r = radius_pix(images.shape[-1])
-    ring = np.floor(r).astype(int)
+    "(n, bands x rings): mean scaled pixel in 1-pixel rings out to r_max; `exclude`: (n, N, N) pixels left out, or (n, 2) ring ranges zeroed."
+    ring = np.floor(radius_pix(images.shape[-1])).astype(int)
     n_ring = int(r_max_pix or images.shape[-1] // 2)
     s = scaled_by_noise(images, sigma)
+    if exclude is not None and np.ndim(exclude) == 3:            # a mean over the pixels of each ring that are kept (0 if none)
+        keep = ~np.asarray(exclude, bool)
+        prof = np.stack([(s[:, :, ring == k] * keep[:, None, ring == k]).sum(-1) / np.maximum(keep[:, ring == k].sum(-1), 1)[:, None]
+                         for k in range(n_ring)], axis=-1)
+        return prof.reshape(len(images), -1)
     prof = np.stack([s[:, :, ring == k].mean(-1) for k in range(n_ring)], axis=-1)      # (n, bands, rings)
     if exclude is not None:
         k, (r_in, r_out) = np.arange(n_ring)[None], np.asarray(exclude, float).T[:, :, None]
@@ -134,12 +196,6 @@ def cv_auc(X:np.ndarray, y:np.ndarray, cfg:GateConfig|None=None, impute:bool=Fal
     return dict(auc=float(auc.mean()), auc_std=float(auc.std()), n_pos=int(y.sum()), n_neg=int(len(y) - y.sum()), n_features=int(X.shape[1]))
 
 # %% ../nbs/42_gates.ipynb
-def annulus_mask(theta_e, psf_fwhm, size:int, width_fwhm:float=1.5, pixscale:float=0.262)->np.ndarray:
-    "(n, N, N) True within width x FWHM of the Einstein radius."
-    r = radius_pix(size)[None]
-    t, w = np.asarray(theta_e, float)[:, None, None] / pixscale, width_fwhm * np.asarray(psf_fwhm, float)[:, None, None] / pixscale
-    return np.abs(r - t) <= w
-
 def azimuthal_median(images:np.ndarray)->np.ndarray:
     "Each pixel replaced by the median of its 1-pixel ring, per stamp and band."
     ring = np.floor(radius_pix(images.shape[-1])).astype(int)
@@ -150,10 +206,10 @@ def azimuthal_median(images:np.ndarray)->np.ndarray:
     return out
 
 # %% ../nbs/42_gates.ipynb
-def suppress_annulus(images, theta_e, psf_fwhm, sigma, controls=None, cfg:GateConfig|None=None)->np.ndarray:
-    "Copy of images with the arc annulus replaced by the paired control's pixels (if finite) or by background."
+def suppress_annulus(images, theta_e, psf_fwhm, sigma, controls=None, cfg:GateConfig|None=None, region=None)->np.ndarray:
+    "Copy of images with the arc (`region`: (n, N, N) predicted images; else the annulus) replaced by the paired control's pixels (if finite) or by background."
     cfg = cfg or GateConfig()
-    ann = annulus_mask(theta_e, psf_fwhm, images.shape[-1], cfg.annulus_fwhm, cfg.pixscale)[:, None]
+    ann = (np.asarray(region, bool) if region is not None else annulus_mask(theta_e, psf_fwhm, images.shape[-1], cfg.annulus_fwhm, cfg.pixscale))[:, None]
     rng = np.random.default_rng(cfg.seed)
     fill = azimuthal_median(images) + rng.normal(size=images.shape) * sigma[:, :, None, None]
     if controls is not None:
@@ -175,9 +231,10 @@ def add_ring(images, theta_e, psf_fwhm, sigma, cfg:GateConfig|None=None)->np.nda
     colour = np.asarray(cfg.ring_colour, float)[None, :, None, None]
     return (images + colour * amp_r[:, None, None, None] * ring[:, None]).astype(images.dtype)
 
-def replace_core(images, controls, radii)->np.ndarray:
-    "Copy of images with pixels r < radius replaced by the paired control's (rows with finite controls)."
-    core = radius_pix(images.shape[-1])[None] < np.asarray(radii)[:, None, None]
+def replace_core(images, controls, core)->np.ndarray:
+    "Copy of images with the core ((n, N, N) masks, or r < (n,) radii [pixels]) replaced by the paired control's (rows with finite controls)."
+    core = np.asarray(core)
+    core = core.astype(bool) if core.ndim == 3 else radius_pix(images.shape[-1])[None] < core[:, None, None]
     have = np.isfinite(controls).reshape(len(controls), -1).all(axis=1)
     return np.where((core & have[:, None, None])[:, None], controls, images).astype(images.dtype)
 
@@ -249,27 +306,36 @@ def _report_write(self, out_dir, stem:str='gates')->list[Path]:
 GateReport.to_dict, GateReport.to_frame, GateReport.to_latex, GateReport.write = _report_dict, _report_frame, _report_latex, _report_write
 
 # %% ../nbs/42_gates.ipynb
-def core_only_gate(images, labels, radii, sigma, rule:str, cfg:GateConfig)->GateResult:
-    "Cross-validated AUC of a logistic regression on core pixels only (stamps with a non-empty core)."
-    y, use = np.asarray(labels, int), np.asarray(radii) > 0
+def _core_size(core)->np.ndarray:
+    "Core pixels per stamp ((n, N, N) masks) or the radii themselves ((n,) radii: > 0 means a core)."
+    core = np.asarray(core)
+    return core.reshape(len(core), -1).sum(1) if core.ndim == 3 else core
+
+def core_only_gate(images, labels, core, sigma, rule:str, cfg:GateConfig)->GateResult:
+    "Cross-validated AUC of a logistic regression on core pixels only (stamps with at least `min_core_pixels`)."
+    y, n_px = np.asarray(labels, int), _core_size(core)
+    use = n_px >= cfg.min_core_pixels if np.ndim(core) == 3 else n_px > 0
     detail = dict(rule=rule, n_core_pos=int((use & (y == 1)).sum()), n_core_neg=int((use & (y == 0)).sum()),
-                  median_core_radius_pix=float(np.median(np.clip(radii, 0, cfg.core_cap_pix))))
+                  median_core_pixels=float(np.median(n_px)) if np.ndim(core) == 3 else None)
     if min(detail['n_core_pos'], detail['n_core_neg']) < cfg.min_core_stamps:
         return GateResult('core_only_auc', None, cfg.core_auc_max, detail=detail,
                           note=f'fewer than {cfg.min_core_stamps} stamps per class have a core ({rule} rule): small theta_E/PSF')
-    cv = cv_auc(core_features(images[use], radii[use], sigma[use], cfg.core_cap_pix), y[use], cfg)
+    cv = cv_auc(core_features(images[use], np.asarray(core)[use], sigma[use], cfg.core_cap_pix), y[use], cfg)
     return GateResult('core_only_auc', cv.pop('auc'), cfg.core_auc_max, detail={**detail, **cv})
 
-def radial_profile_gates(images, labels, sigma, cfg:GateConfig, theta_e=None, psf_fwhm=None)->list[GateResult]:
-    "Cross-validated AUC on the azimuthal profiles: without the arc annulus (judged) and whole (reported)."
+def radial_profile_gates(images, labels, sigma, cfg:GateConfig, theta_e=None, psf_fwhm=None, region=None)->list[GateResult]:
+    "Cross-validated AUC on the azimuthal profiles: without the arc (`region`, else the annulus; judged) and whole (reported)."
     full = cv_auc(radial_profiles(images, sigma, cfg.radial_max_pix), labels, cfg)
     res_full = GateResult('radial_profile_auc_full', full.pop('auc'), None, detail=full,
                           note=full.pop('reason', '') or 'includes the arc\'s own light: high when the arcs are bright against easy negatives')
-    if theta_e is None or psf_fwhm is None:
+    if region is None and (theta_e is None or psf_fwhm is None):
         return [GateResult('radial_profile_auc', None, cfg.radial_auc_max, note='needs theta_E and PSF FWHM per stamp'), res_full]
-    t, w = np.asarray(theta_e) / cfg.pixscale, cfg.annulus_fwhm * np.asarray(psf_fwhm) / cfg.pixscale
-    cv = cv_auc(radial_profiles(images, sigma, cfg.radial_max_pix, np.c_[t - w, t + w]), labels, cfg)
-    return [GateResult('radial_profile_auc', cv.pop('auc'), cfg.radial_auc_max, detail=cv, note=cv.pop('reason', '')), res_full]
+    if region is None:
+        t, w = np.asarray(theta_e) / cfg.pixscale, cfg.annulus_fwhm * np.asarray(psf_fwhm) / cfg.pixscale
+        exclude, left_out = np.c_[t - w, t + w], 'annulus'
+    else: exclude, left_out = region, 'predicted images'
+    cv = cv_auc(radial_profiles(images, sigma, cfg.radial_max_pix, exclude), labels, cfg)
+    return [GateResult('radial_profile_auc', cv.pop('auc'), cfg.radial_auc_max, detail={**cv, 'left_out': left_out}, note=cv.pop('reason', '')), res_full]
 
 def metadata_gate(meta:pd.DataFrame, labels, cfg:GateConfig)->GateResult:
     "Cross-validated AUC of a logistic regression on metadata columns (NaN imputed, with missing-value indicators)."
@@ -283,37 +349,61 @@ def _score(score_fn, images, batch_size:int)->np.ndarray:
     "Scores of all images, in batches."
     return np.concatenate([np.asarray(score_fn(images[i:i + batch_size]), float).ravel() for i in range(0, len(images), batch_size)])
 
-def score_gates(score_fn, images, labels, theta_e, psf_fwhm, sigma, radii, controls=None, cfg:GateConfig|None=None)->list[GateResult]:
-    "Arc-suppressed mean score, ring counterfactual and core-masked AUROC drop of a scorer."
+def score_gates(score_fn, images, labels, theta_e, psf_fwhm, sigma, core, controls=None, cfg:GateConfig|None=None, region=None,
+                ratio=None, threshold:float|None=None, threshold_from:str='')->list[GateResult]:
+    "Arc-suppressed mean score, ring counterfactual, core-masked AUROC drop and (with `ratio`, theta_E/psfsize_r) the flux-excess gate."
     cfg, y = cfg or GateConfig(), np.asarray(labels, int)
     geo = np.isfinite(theta_e) & np.isfinite(psf_fwhm)          # rows without (shadow) geometry sit out the counterfactuals
     pos, neg = (y == 1) & geo, (y == 0) & geo
     s0 = _score(score_fn, images, cfg.batch_size)
     base = dict(auroc=auroc(s0, y), mean_score_pos=float(s0[pos].mean()), mean_score_neg=float(s0[neg].mean()), n_without_geometry=int((~geo).sum()))
-    sup = _score(score_fn, suppress_annulus(images[pos], theta_e[pos], psf_fwhm[pos], sigma[pos],
-                                            None if controls is None else controls[pos], cfg), cfg.batch_size)
+    sup = _score(score_fn, suppress_annulus(images[pos], theta_e[pos], psf_fwhm[pos], sigma[pos], None if controls is None else controls[pos],
+                                            cfg, None if region is None else region[pos]), cfg.batch_size)
     n_ctl = 0 if controls is None else int(np.isfinite(controls[pos]).reshape(pos.sum(), -1).all(axis=1).sum())
     out = [GateResult('arc_suppressed_score', float(sup.mean()), cfg.arc_suppressed_score_max,
-                      detail=dict(**base, mean_score_pos_suppressed=float(sup.mean()), n_pos=int(pos.sum()), n_with_control=n_ctl))]
+                      detail=dict(**base, mean_score_pos_suppressed=float(sup.mean()), n_pos=int(pos.sum()), n_with_control=n_ctl,
+                                  suppressed='predicted images' if region is not None else 'annulus'))]
     ring = _score(score_fn, add_ring(images[neg], theta_e[neg], psf_fwhm[neg], sigma[neg], cfg), cfg.batch_size)
     out.append(GateResult('ring_counterfactual', float(ring.mean() - s0[neg].mean()), cfg.ring_delta_min, '>',
                           detail=dict(mean_score_neg=base['mean_score_neg'], mean_score_neg_ring=float(ring.mean()), ring_snr=cfg.ring_snr)))
-    out.append(_core_masked(score_fn, images, y, s0, radii, controls, cfg))
+    out.append(_core_masked(score_fn, images, y, s0, core, controls, cfg))
+    if ratio is not None: out.append(flux_excess_gate(s0, y, ratio, threshold, cfg, threshold_from))
     return out
 
-def _core_masked(score_fn, images, y, s0, radii, controls, cfg)->GateResult:
+def _core_masked(score_fn, images, y, s0, core, controls, cfg)->GateResult:
     "AUROC drop when the lenses' cores are replaced by their paired controls' cores."
     if controls is None: return GateResult('core_masked_auroc_drop', None, cfg.core_masked_drop_max, note='needs paired controls')
     have = np.isfinite(controls).reshape(len(y), -1).all(axis=1)
-    sel = (y == 0) | ((y == 1) & have & (np.asarray(radii) > 0))
+    n_px = _core_size(core)
+    sel = (y == 0) | ((y == 1) & have & ((n_px >= cfg.min_core_pixels) if np.ndim(core) == 3 else (n_px > 0)))
     if (y[sel] == 1).sum() < cfg.min_core_stamps:
         return GateResult('core_masked_auroc_drop', None, cfg.core_masked_drop_max,
                           note=f'fewer than {cfg.min_core_stamps} lenses with a core and a paired control')
     p = np.flatnonzero(sel & (y == 1))
-    s1 = s0.copy(); s1[p] = _score(score_fn, replace_core(images[p], controls[p], radii[p]), cfg.batch_size)
+    s1 = s0.copy(); s1[p] = _score(score_fn, replace_core(images[p], controls[p], np.asarray(core)[p]), cfg.batch_size)
     a0, a1 = auroc(s0[sel], y[sel]), auroc(s1[sel], y[sel])
     return GateResult('core_masked_auroc_drop', float(a0 - a1), cfg.core_masked_drop_max,
                       detail=dict(auroc=a0, auroc_core_masked=a1, n_pos=int(len(p)), n_neg=int((y == 0).sum())))
+
+# %% ../nbs/42_gates.ipynb
+def flux_excess_gate(scores, labels, ratio, threshold:float|None=None, cfg:GateConfig|None=None, threshold_from:str='')->GateResult:
+    "Completeness of unresolved lenses over that of resolved ones at the operating threshold (`ratio`: theta_E/psfsize_r per stamp)."
+    cfg, y, s, ratio = cfg or GateConfig(), np.asarray(labels, int), np.asarray(scores, float), np.asarray(ratio, float)
+    if threshold is None:
+        threshold, threshold_from = float(np.quantile(s[y == 0], 1 - cfg.operating_fpr)), f'negatives of this set at FPR {cfg.operating_fpr:g}'
+    found, detail = s >= threshold, dict(threshold=float(threshold), threshold_from=threshold_from or 'given')
+    for name, sel in (('unresolved', (y == 1) & (ratio < cfg.unresolved_ratio_max)), ('resolved', (y == 1) & (ratio >= cfg.resolved_ratio_min))):
+        k, n = int(found[sel].sum()), int(sel.sum())
+        lo, hi = clopper_pearson(k, n) if n else (np.nan, np.nan)
+        detail.update({f'n_{name}': n, f'k_{name}': k, f'completeness_{name}': k / n if n else None,
+                       f'completeness_{name}_lo': float(lo), f'completeness_{name}_hi': float(hi)})
+    if min(detail['n_unresolved'], detail['n_resolved']) < cfg.min_flux_excess or not detail['k_resolved']:
+        return GateResult('flux_excess_ratio', None, cfg.flux_excess_ratio_max, detail=detail,
+                          note=f'needs {cfg.min_flux_excess} unresolved and resolved lenses and a resolved one found')
+    value = detail['completeness_unresolved'] / detail['completeness_resolved']
+    return GateResult('flux_excess_ratio', float(value), cfg.flux_excess_ratio_max, detail=detail,
+                      note=f"completeness {detail['completeness_unresolved']:.3f} (theta_E/psfsize_r < {cfg.unresolved_ratio_max:g}) vs "
+                           f"{detail['completeness_resolved']:.3f} (>= {cfg.resolved_ratio_min:g})")
 
 # %% ../nbs/42_gates.ipynb
 def psf_swap_gate(score_fn, variants:dict, cfg:GateConfig|None=None)->GateResult:
@@ -350,23 +440,34 @@ def _subsample(y:np.ndarray, max_n:int, seed:int)->np.ndarray:
     rng, frac = np.random.default_rng(seed), max_n / len(y)
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), int(round(frac * (y == c).sum())), replace=False) for c in (0, 1)]))
 
+def _ratio(meta:pd.DataFrame|None)->np.ndarray|None:
+    "theta_E/psfsize_r per row, or None when the metadata cannot give it."
+    try: return theta_over_psf(meta).to_numpy(float) if meta is not None else None
+    except KeyError: return None
+
 def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None, psf_fwhm=None, inj=None, sigma=None,
-              controls=None, score_fn=None, meta:pd.DataFrame|None=None, population:str='', psf_swap:dict|None=None)->GateReport:
-    "Every gate the inputs allow; images (n, bands, N, N) nmgy, labels 1 = injected lens; psf_swap: `dhs.inject.psf_variants` of some injections."
+              controls=None, score_fn=None, meta:pd.DataFrame|None=None, population:str='', psf_swap:dict|None=None,
+              threshold:float|None=None, threshold_from:str='')->GateReport:
+    "Every gate the inputs allow; images (n, bands, N, N) nmgy, labels 1 = injected lens; meta with LENS_COLUMNS: gates around the predicted images."
     cfg = cfg or GateConfig()
     y = np.asarray(labels, int)
     idx = _subsample(y, cfg.max_stamps, cfg.seed)
-    take = lambda a: None if a is None else (a.iloc[idx] if isinstance(a, pd.DataFrame) else np.asarray(a)[idx])
+    take = lambda a: None if a is None else (a.iloc[idx].reset_index(drop=True) if isinstance(a, pd.DataFrame) else np.asarray(a)[idx])
     images, y, theta_e, psf_fwhm, inj, sigma, controls, meta = map(take, (images, y, theta_e, psf_fwhm, inj, sigma, controls, meta))
     sigma = noise_sigma(images) if sigma is None else sigma
-    radii, rule = core_radii(len(y), theta_e, psf_fwhm, inj, sigma, cfg)
-    res = [core_only_gate(images, y, radii, sigma, rule, cfg), *radial_profile_gates(images, y, sigma, cfg, theta_e, psf_fwhm)]
+    region = (image_region(meta, psf_fwhm, images.shape[-1], cfg.image_margin_fwhm, cfg.pixscale)
+              if meta is not None and psf_fwhm is not None and set(LENS_COLUMNS) <= set(meta) else None)
+    core, rule = core_masks(len(y), images.shape[-1], theta_e, psf_fwhm, inj, sigma, region, cfg)
+    res = [core_only_gate(images, y, core, sigma, rule, cfg), *radial_profile_gates(images, y, sigma, cfg, theta_e, psf_fwhm, region)]
+    names = (('arc_suppressed_score', cfg.arc_suppressed_score_max, '<'), ('ring_counterfactual', cfg.ring_delta_min, '>'),
+             ('core_masked_auroc_drop', cfg.core_masked_drop_max, '<'), ('flux_excess_ratio', cfg.flux_excess_ratio_max, '<'))
     if score_fn is not None and theta_e is not None and psf_fwhm is not None:
-        res += score_gates(score_fn, images, y, theta_e, psf_fwhm, sigma, radii, controls, cfg)
+        ratio = _ratio(meta)
+        res += score_gates(score_fn, images, y, theta_e, psf_fwhm, sigma, core, controls, cfg, region, ratio, threshold, threshold_from)
+        if ratio is None: res.append(GateResult(*names[3], note='needs theta_E/psfsize_r per stamp (theta_e_arcsec and psfsize_r)'))
     else:
         why = 'needs score_fn' if score_fn is None else 'needs theta_E and PSF FWHM per stamp'
-        res += [GateResult(n, None, t, c, note=why) for n, t, c in (('arc_suppressed_score', cfg.arc_suppressed_score_max, '<'),
-                ('ring_counterfactual', cfg.ring_delta_min, '>'), ('core_masked_auroc_drop', cfg.core_masked_drop_max, '<'))]
+        res += [GateResult(n, None, t, c, note=why) for n, t, c in names]
     if score_fn is not None and psf_swap is not None: res.append(psf_swap_gate(score_fn, psf_swap, cfg))
     else: res.append(GateResult('psf_swap_ks', None, cfg.psf_swap_ks_max, note='needs score_fn' if score_fn is None else
                                 "needs the injections re-rendered through each PSF model (the cache of phase 4b: dhs gates --cache)"))
@@ -374,7 +475,8 @@ def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None,
     return GateReport(res, config_dict(cfg), int(y.sum()), int(len(y) - y.sum()), population)
 
 # %% ../nbs/42_gates.ipynb
-_GATE_COLS = ('task_id', 'is_control', 'control_kind', 'partner_task_id', 'region_split', 'theta_e_arcsec', 'psfsize_r', 'psf_fwhm_used_r')
+_GATE_COLS = ('task_id', 'is_control', 'control_kind', 'partner_task_id', 'region_split', 'theta_e_arcsec', 'psfsize_r', 'psf_fwhm_used_r',
+              *LENS_COLUMNS, 'stamp_dx_pix', 'stamp_dy_pix')
 
 def _pick_rows(meta:pd.DataFrame, max_stamps:int, seed:int)->pd.DataFrame:
     "A subsample of at most max_stamps rows: half lenses, their paired controls first among the negatives."
