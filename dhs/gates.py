@@ -24,15 +24,17 @@ from .stamps import read_stamps, theta_over_psf
 from .inject import psf_variants, stamp_inject_config
 from scipy.ndimage import distance_transform_edt
 from .lensing import Lens, ray_shoot, image_positions
-from .render import pixel_centres
+from .render import pixel_centres, render_lensed_batch
+from .sources import SersicSource, mag_to_nmgy
 
 # %% auto 0
-__all__ = ['META_COLUMNS', 'LENS_COLUMNS', 'GateConfig', 'radius_pix', 'noise_sigma', 'core_radius_geometric',
-           'core_radius_injection', 'predicted_images', 'annulus_mask', 'image_region', 'core_radii', 'core_masks',
-           'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc', 'azimuthal_median', 'suppress_annulus',
-           'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport', 'core_only_gate',
-           'radial_profile_gates', 'metadata_gate', 'score_gates', 'flux_excess_gate', 'psf_swap_gate', 'run_gates',
-           'load_gate_inputs', 'load_psf_swap', 'load_scorer', 'main', 'model_auroc_result']
+__all__ = ['META_COLUMNS', 'LENS_COLUMNS', 'LIGHT_COLUMNS', 'MIN_IMAGE_MU', 'GateConfig', 'radius_pix', 'noise_sigma',
+           'core_radius_geometric', 'core_radius_injection', 'predicted_images', 'predicted_light', 'annulus_mask',
+           'image_region', 'core_radii', 'core_masks', 'scaled_by_noise', 'core_features', 'radial_profiles', 'cv_auc',
+           'azimuthal_median', 'suppress_annulus', 'ring_image', 'add_ring', 'replace_core', 'GateResult', 'GateReport',
+           'core_only_gate', 'radial_profile_gates', 'metadata_gate', 'score_gates', 'flux_excess_gate',
+           'psf_swap_gate', 'run_gates', 'load_gate_inputs', 'load_psf_swap', 'load_scorer', 'main',
+           'model_auroc_result']
 
 # %% ../nbs/42_gates.ipynb
 META_COLUMNS = ('psfsize_r', 'psf_fwhm_used_r', 'psfdepth_r', 'galdepth_r', 'ebv', 'mag_r', 'mag_z', 'bad_pixel_frac',
@@ -55,6 +57,7 @@ class GateConfig:
     core_fwhm_margin:float = 1.5        # geometric rule: core = r < theta_E/pix - this x FWHM/pix
     core_cap_pix:float = 8.0            # core pixels used as features lie within this radius [pixels]
     image_margin_fwhm:float = 1.5       # images rule: the core leaves out pixels within this x FWHM of the predicted images
+    region_noise_frac:float = 0.5       # ... and those where the row's predicted light (LIGHT_COLUMNS) reaches this x the r-band noise sigma
     min_core_pixels:int = 5             # a stamp enters the core gates with at least this many core pixels
     min_core_stamps:int = 50            # fewer stamps per class with a non-empty core: gate not run
     radial_max_pix:float = 0.0          # outer radius of the radial profile [pixels]; 0 = half the stamp
@@ -98,18 +101,36 @@ def core_radius_injection(inj:np.ndarray, sigma:np.ndarray, frac:float=0.1)->np.
 
 # %% ../nbs/42_gates.ipynb
 LENS_COLUMNS = ('theta_e_arcsec', 'lens_q', 'lens_phi_rad', 'gamma1', 'gamma2', 'src_x_arcsec', 'src_y_arcsec', 'src_reff_arcsec')
+LIGHT_COLUMNS = ('src_mag_r', 'src_n', 'src_q', 'src_phi_rad')   # with these the region also holds the predicted light
+
+MIN_IMAGE_MU = 0.1   # point images fainter than this (|magnification|) carry no light worth masking
 
 def predicted_images(row:dict, size:int, pixscale:float=0.262)->np.ndarray:
-    "(N, N) True on the pixels whose rays land in the source's half-light disc and on those holding a point image of its centre."
+    "(N, N) True on the pixels whose rays land in the source's half-light disc and on those holding a point image (|mu| >= MIN_IMAGE_MU) of its centre."
     lens, sx, sy = Lens(*(float(row[c]) for c in LENS_COLUMNS[:5])), float(row['src_x_arcsec']), float(row['src_y_arcsec'])
     dx, dy = (float(row.get(c, 0.0) or 0.0) for c in ('stamp_dx_pix', 'stamp_dy_pix'))  # host offset from pixel (N//2, N//2)
     bx, by = ray_shoot(*pixel_centres(size, pixscale, dx, dy), lens)
     hit = np.hypot(bx - sx, by - sy) < max(float(row['src_reff_arcsec']), pixscale / 2)
-    xi, yi, _ = image_positions(sx, sy, lens, mu=False)
+    xi, yi, mu = image_positions(sx, sy, lens)
+    xi, yi = xi[np.abs(mu) >= MIN_IMAGE_MU], yi[np.abs(mu) >= MIN_IMAGE_MU]   # not a demagnified image at the singular centre
     col, rw = np.rint(xi / pixscale + size // 2 + dx).astype(int), np.rint(yi / pixscale + size // 2 + dy).astype(int)
     on = (col >= 0) & (col < size) & (rw >= 0) & (rw < size)
     hit[rw[on], col[on]] = True
     return hit
+
+# %% ../nbs/42_gates.ipynb
+def predicted_light(meta:pd.DataFrame, psf_fwhm, size:int, pixscale:float=0.262)->np.ndarray:
+    "(n, N, N) r-band light [nmgy/pixel] each row's lens parameters predict: a Sérsic of its src_reff/n/q/phi and src_mag_r through its SIE + shear and a Moffat of `psf_fwhm` (shadow parameters for negatives)."
+    rows, get = meta.to_dict('records'), lambda r, c, d: float(r[c]) if c in r and np.isfinite(r[c]) else d
+    src = [SersicSource(r['src_reff_arcsec'], get(r, 'src_n', 1.0), get(r, 'src_q', 1.0), get(r, 'src_phi_rad', 0.0),
+                        r['src_x_arcsec'], r['src_y_arcsec']) for r in rows]
+    lenses = [Lens(*(float(r[c]) for c in LENS_COLUMNS[:5])) for r in rows]
+    flux = mag_to_nmgy(meta['src_mag_r'].to_numpy(float))[:, None]
+    dx, dy = (meta[c].fillna(0).to_numpy(float) if c in meta else 0.0 for c in ('stamp_dx_pix', 'stamp_dy_pix'))
+    out = render_lensed_batch(src, lenses, flux, np.asarray(psf_fwhm, float)[:, None], size, pixscale, dx, dy, psf='moffat',
+                              max_supersample=4, tol=1e-2)                  # a mask, not a measurement: coarse is enough
+    return np.stack([o.stamp[0] for o in out])
+
 
 # %% ../nbs/42_gates.ipynb
 def annulus_mask(theta_e, psf_fwhm, size:int, width_fwhm:float=1.5, pixscale:float=0.262)->np.ndarray:
@@ -118,8 +139,9 @@ def annulus_mask(theta_e, psf_fwhm, size:int, width_fwhm:float=1.5, pixscale:flo
     t, w = np.asarray(theta_e, float)[:, None, None] / pixscale, width_fwhm * np.asarray(psf_fwhm, float)[:, None, None] / pixscale
     return np.abs(r - t) <= w
 
-def image_region(meta:pd.DataFrame, psf_fwhm, size:int, margin_fwhm:float=1.5, pixscale:float=0.262)->np.ndarray:
-    "(n, N, N) True within margin x FWHM of each row's predicted images; rows without finite lens parameters: the annulus around theta_E."
+def image_region(meta:pd.DataFrame, psf_fwhm, size:int, margin_fwhm:float=1.5, pixscale:float=0.262, sigma=None,
+                 noise_frac:float=0.5)->np.ndarray:
+    "(n, N, N) True within margin x FWHM of each row's predicted images, and where its predicted light (`predicted_light`) reaches noise_frac x the r-band sigma; no lens parameters: the annulus around theta_E."
     fwhm = np.asarray(psf_fwhm, float)
     out = annulus_mask(meta['theta_e_arcsec'].to_numpy(float), fwhm, size, margin_fwhm, pixscale)
     if not set(LENS_COLUMNS) <= set(meta): return out
@@ -127,7 +149,14 @@ def image_region(meta:pd.DataFrame, psf_fwhm, size:int, margin_fwhm:float=1.5, p
     for i, row in zip(np.flatnonzero(ok), meta.iloc[np.flatnonzero(ok)].to_dict('records')):
         hit = predicted_images(row, size, pixscale)
         if hit.any(): out[i] = distance_transform_edt(~hit) <= margin_fwhm * fwhm[i] / pixscale
+    if sigma is not None and 'src_mag_r' in meta:
+        ok &= np.isfinite(meta['src_mag_r'].to_numpy(float))
+        if ok.any():
+            i = np.flatnonzero(ok)
+            light = predicted_light(meta.iloc[i], fwhm[i], size, pixscale)
+            out[i] |= light >= noise_frac * np.asarray(sigma, float)[i, 1, None, None]
     return out
+
 
 # %% ../nbs/42_gates.ipynb
 def core_radii(n:int, theta_e=None, psf_fwhm=None, inj=None, sigma=None, cfg:GateConfig|None=None)->tuple[np.ndarray, str]:
@@ -455,7 +484,7 @@ def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None,
     take = lambda a: None if a is None else (a.iloc[idx].reset_index(drop=True) if isinstance(a, pd.DataFrame) else np.asarray(a)[idx])
     images, y, theta_e, psf_fwhm, inj, sigma, controls, meta = map(take, (images, y, theta_e, psf_fwhm, inj, sigma, controls, meta))
     sigma = noise_sigma(images) if sigma is None else sigma
-    region = (image_region(meta, psf_fwhm, images.shape[-1], cfg.image_margin_fwhm, cfg.pixscale)
+    region = (image_region(meta, psf_fwhm, images.shape[-1], cfg.image_margin_fwhm, cfg.pixscale, sigma, cfg.region_noise_frac)
               if meta is not None and psf_fwhm is not None and set(LENS_COLUMNS) <= set(meta) else None)
     core, rule = core_masks(len(y), images.shape[-1], theta_e, psf_fwhm, inj, sigma, region, cfg)
     res = [core_only_gate(images, y, core, sigma, rule, cfg), *radial_profile_gates(images, y, sigma, cfg, theta_e, psf_fwhm, region)]
@@ -476,7 +505,7 @@ def run_gates(images:np.ndarray, labels, cfg:GateConfig|None=None, theta_e=None,
 
 # %% ../nbs/42_gates.ipynb
 _GATE_COLS = ('task_id', 'is_control', 'control_kind', 'partner_task_id', 'region_split', 'theta_e_arcsec', 'psfsize_r', 'psf_fwhm_used_r',
-              *LENS_COLUMNS, 'stamp_dx_pix', 'stamp_dy_pix')
+              *LENS_COLUMNS, *LIGHT_COLUMNS, 'stamp_dx_pix', 'stamp_dy_pix')
 
 def _pick_rows(meta:pd.DataFrame, max_stamps:int, seed:int)->pd.DataFrame:
     "A subsample of at most max_stamps rows: half lenses, their paired controls first among the negatives."

@@ -11,20 +11,24 @@ import pyarrow as pa
 from .core import task_rng, task_seed, seed_to_int64
 from .survey import AB_ZP, MASKBITS, PIXSCALE_ARCSEC
 from .sources import SersicSource, sersic_sb, mag_to_nmgy, band_fluxes_from_mag
-from .psf import gaussian_kernel, convolve, theta_e_over_psfsize, pixel_noise_sigma
+from .psf import gaussian_kernel, moffat_kernel, moffat_fwhm_from_psfsize, convolve, theta_e_over_psfsize, pixel_noise_sigma
+from .render import render_lensed
+from .inject import task_source, task_lens, injected_band_fluxes   # phase 4c's own definitions
+from .manifest import DrawConfig, draw_task
 from .survey import depth5_ivar, depth5_mag
 from .lensing import Lens, ray_shoot, sample_source_position
 from .stamps import encode_stamps, encode_npz, load_contract
 from .metrics import sigmoid
-from .gates import noise_sigma, scaled_by_noise
+from .gates import noise_sigma, scaled_by_noise, radius_pix
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 # %% auto 0
-__all__ = ['TRUTH_CLASSES', 'TOY_NOISE', 'TOY_HOST_COLOUR', 'TOY_SOURCE_COLOUR', 'pixel_grid', 'pixel_mean',
-           'synthetic_stamp_table', 'synthetic_score_table', 'toy_gate_set', 'asymmetry_excess', 'toy_score_fn',
-           'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table', 'mock_brick_case', 'example_search_run']
+__all__ = ['TRUTH_CLASSES', 'TOY_NOISE', 'TOY_HOST_COLOUR', 'TOY_SOURCE_COLOUR', 'TOY_FINDERS', 'pixel_grid', 'pixel_mean',
+           'synthetic_stamp_table', 'synthetic_score_table', 'toy_gate_set', 'asymmetry_excess', 'toy_features',
+           'toy_score_fn', 'manifest_gate_set', 'toy_stamp_table', 'write_tiny_sky', 'example_stamp_table',
+           'mock_brick_case', 'example_search_run']
 
 # %% ../nbs/09_toys.ipynb
 def pixel_grid(size:int, oversample:int=1, dx:float=0.0, dy:float=0.0, pixscale:float=PIXSCALE_ARCSEC):
@@ -226,14 +230,18 @@ def toy_gate_set(n:int=400, kind:str='clean', seed:int=0, size:int=64, pixscale:
                 sigma=np.stack([r['sigma'] for r in rows]), theta_e=meta.theta_e_arcsec.to_numpy(), psf_fwhm=meta.psfsize_r.to_numpy(), meta=meta)
 
 # %% ../nbs/09_toys.ipynb
+def _point_symmetric_residual(images:np.ndarray, sigma:np.ndarray)->np.ndarray:
+    "(n, N, N) noise-weighted band sum minus its 180-degree rotation about pixel (c, c): a point-symmetric host cancels."
+    det = (images / sigma[:, :, None, None]).sum(1) / np.sqrt(images.shape[1])
+    rot = np.zeros_like(det); rot[:, 1:, 1:] = det[:, 1:, 1:][:, ::-1, ::-1]
+    return (det - rot) / np.sqrt(2)
+
 def asymmetry_excess(images:np.ndarray, sigma:np.ndarray, ring_width:float=1.5, n_sectors:int=12, r_max_pix:float=16.0)->np.ndarray:
     "(n, rings): per ring, the largest sector S/N of the noise-weighted band sum minus its 180-degree rotation."
     size, c = images.shape[-1], images.shape[-1] // 2
     y, x = np.indices((size, size)) - c
     r, ang = np.hypot(x, y), np.mod(np.arctan2(y, x), 2 * np.pi)
-    det = (images / sigma[:, :, None, None]).sum(1) / np.sqrt(images.shape[1])
-    rot = np.zeros_like(det); rot[:, 1:, 1:] = det[:, 1:, 1:][:, ::-1, ::-1]     # rotation about pixel (c, c)
-    e = (det - rot) / np.sqrt(2)                                              # a point-symmetric host cancels
+    e = _point_symmetric_residual(images, sigma)
     feats = []
     for r0 in np.arange(1.5, r_max_pix, ring_width):
         ring = (r >= r0) & (r < r0 + ring_width)
@@ -241,15 +249,90 @@ def asymmetry_excess(images:np.ndarray, sigma:np.ndarray, ring_width:float=1.5, 
         feats.append(np.max([er[:, sec == k].sum(1) / np.sqrt((sec == k).sum()) for k in np.unique(sec)], axis=0))
     return np.stack(feats, 1)
 
-def toy_score_fn(kind:str, images, labels, sigma=None, C:float=1.0):
-    "Fit a toy scorer ('core': central 5x5 pixels; 'arc': 180-degree asymmetry) and return score_fn(images) -> [0, 1]."
-    def feats(im, sg):
-        if kind == 'core': return scaled_by_noise(im, sg)[:, :, im.shape[-1] // 2 - 2:im.shape[-1] // 2 + 3, im.shape[-1] // 2 - 2:im.shape[-1] // 2 + 3].reshape(len(im), -1)
-        return asymmetry_excess(im, sg)
-    if kind not in ('core', 'arc'): raise ValueError(f"kind must be 'core' or 'arc', got {kind!r}")
+TOY_FINDERS = ('arc', 'core', 'colour', 'psf')
+
+def toy_features(kind:str, images:np.ndarray, sigma:np.ndarray, r_min_pix:float=0.0)->np.ndarray:
+    "Features of the toy finders: 'arc' (180-degree asymmetry in rings from r_min_pix), 'core' (central 5x5 pixels), 'colour' (g/r, z/r of the central 4-pixel aperture: unresolved blue flux), 'psf' (the asymmetric residual's peak through a Gaussian minus through a Moffat matched filter)."
+    c = images.shape[-1] // 2
+    if kind == 'core': return scaled_by_noise(images, sigma)[:, :, c - 2:c + 3, c - 2:c + 3].reshape(len(images), -1)
+    if kind == 'arc':
+        a = asymmetry_excess(images, sigma)
+        return a[:, np.arange(1.5, 16.0, 1.5)[:a.shape[1]] >= r_min_pix]
+    if kind == 'colour':
+        f = images[:, :, radius_pix(images.shape[-1]) < 4].sum(-1)
+        return np.c_[f[:, 0] / f[:, 1], f[:, 2] / f[:, 1]]
+    if kind == 'psf':
+        e = _point_symmetric_residual(images, sigma)
+        g, m = (convolve(e, k).max((1, 2)) for k in (gaussian_kernel(1.2), moffat_kernel(moffat_fwhm_from_psfsize(1.2))))
+        return np.c_[g - m, (g - m) / np.maximum(convolve(e, gaussian_kernel(3.0)).max((1, 2)), 1e-3)]
+    raise ValueError(f'kind must be one of {TOY_FINDERS}, got {kind!r}')
+
+def toy_score_fn(kind:str, images, labels, sigma=None, C:float=1.0, r_min_pix:float=0.0):
+    "Fit a toy finder (`toy_features` of `kind`, standardised logistic regression) and return score_fn(images) -> [0, 1]."
+    if kind not in TOY_FINDERS: raise ValueError(f'kind must be one of {TOY_FINDERS}, got {kind!r}')
+    feats = lambda im, sg: toy_features(kind, im, sg, r_min_pix)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, solver='liblinear', max_iter=1000))
     model.fit(feats(images, noise_sigma(images) if sigma is None else sigma), labels)
     return lambda im: model.predict_proba(feats(np.asarray(im), noise_sigma(np.asarray(im))))[:, 1]
+
+
+# %% ../nbs/09_toys.ipynb
+def _host_through(rng, size:int, kernels:list)->tuple[np.ndarray, dict]:
+    "A de Vaucouleurs LRG (g, r, z) [nmgy/pixel] through one PSF kernel per band, and its parameters."
+    mag_r, reff, q, phi = rng.uniform(19.0, 21.5), rng.uniform(0.6, 1.6), rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
+    fl = band_fluxes_from_mag(mag_r, 1.6 + 0.1 * rng.normal(), 0.9 + 0.05 * rng.normal())
+    x, y = pixel_grid(size, 4)                      # even oversampling: no sample on the r = 0 cusp
+    sb = pixel_mean(sersic_sb(x, y, 1.0, reff, 4.0, q, phi), 4) * PIXSCALE_ARCSEC ** 2
+    return np.stack([convolve(sb * f, k) for f, k in zip(fl, kernels)]), dict(mag_r=mag_r, shape_r=reff)
+
+def _arc_through(task:dict, size:int, fwhm, model:str)->np.ndarray:
+    "Phase 4c's noiseless injection of a task (g, r, z) [nmgy/pixel] through a Moffat or Gaussian of the given FWHMs."
+    return render_lensed(task_source(task), task_lens(task), injected_band_fluxes(task), list(fwhm), size, PIXSCALE_ARCSEC,
+                         psf=model).stamp
+
+# %% ../nbs/09_toys.ipynb
+def _manifest_row(i:int, seed:int, size:int, kind:str, injection_psf:str)->dict:
+    "One row of a manifest gate set: conditions, host, the task's draw and its injection (shadow for negatives)."
+    tid = f'mgs{seed}-{i:06d}'
+    rng = task_rng(tid)
+    seeing, depth = _draw_conditions(rng)                               # per-band psfsize [arcsec] and psfdepth
+    psfsize = np.array([seeing[b] for b in 'grz'])
+    moffat = moffat_fwhm_from_psfsize(psfsize)                           # the sky's PSF: a Moffat with the psfsize's NEA
+    host, hp = _host_through(rng, size, [moffat_kernel(f) for f in moffat])
+    task = draw_task(tid, 'toys', dict(mag_r=hp['mag_r']), 'test', DrawConfig(lens_shape='uniform'))
+    task.update(task_id=tid, region_split='test', **{f'mw_transmission_{b}': 1.0 for b in 'grz'})
+    sigma = np.array([pixel_noise_sigma(seeing[b], depth[b]) for b in 'grz'])
+    control = (host + rng.normal(size=host.shape) * sigma[:, None, None]).astype('f4')
+    inj = _arc_through(task, size, moffat, 'moffat')
+    snr = float(np.sqrt((inj[1] ** 2).sum()) / sigma[1])
+    extra = _arc_through(task, size, psfsize, 'gaussian') if injection_psf == 'gaussian' else inj
+    if kind == 'core':
+        point = np.zeros((size, size)); point[size // 2, size // 2] = 1.0
+        extra = extra + np.array(TOY_SOURCE_COLOUR)[:, None, None] * convolve(point, moffat_kernel(moffat[1]))[None] * rng.uniform(0.15, 0.4) * host[1].sum()
+    return dict(task=task, control=control, lens=(control + extra).astype('f4'), inj=inj.astype('f4'), sigma=sigma, psfsize=psfsize,
+                fwhm=moffat, mag_r=hp['mag_r'], arc_snr=snr)
+
+# %% ../nbs/09_toys.ipynb
+_TASK_META = ('theta_e_arcsec', 'lens_q', 'lens_phi_rad', 'gamma1', 'gamma2', 'src_x_arcsec', 'src_y_arcsec', 'src_reff_arcsec', 'src_dmag',
+             'src_mag_r', 'src_n', 'src_q', 'src_phi_rad')
+
+def manifest_gate_set(n:int=400, kind:str='clean', seed:int=0, size:int=64, injection_psf:str='moffat')->dict:
+    "Toy stamps whose lenses are phase 4a's draws (half lenses, half negatives with shadow draws), in `toy_gate_set`'s form, plus `psf_variants`."
+    if kind not in ('clean', 'core'): raise ValueError(f"kind must be 'clean' or 'core', got {kind!r}")
+    if injection_psf not in ('moffat', 'gaussian'): raise ValueError(f"injection_psf must be 'moffat' or 'gaussian', got {injection_psf!r}")
+    rows = [_manifest_row(i, seed, size, kind, injection_psf) for i in range(n)]
+    y = (np.arange(n) % 2 == 0).astype(int)
+    meta = pd.DataFrame([{**{c: r['task'][c] for c in _TASK_META}, 'is_control': 1 - l, 'psfsize_r': r['psfsize'][1],
+                          'psf_fwhm_used_r': r['fwhm'][1], 'mag_r': r['mag_r'], 'arc_snr': r['arc_snr']} for r, l in zip(rows, y)])
+    meta['theta_over_psf'] = theta_e_over_psfsize(meta.theta_e_arcsec, meta.psfsize_r)
+    lens = [r for r, l in zip(rows, y) if l]
+    gauss = [r['control'] + _arc_through(r['task'], size, r['psfsize'], 'gaussian') for r in lens]
+    variants = dict(images={'survey': np.stack([r['control'] + r['inj'] for r in lens]).astype('f4'), 'gaussian': np.stack(gauss).astype('f4')},
+                    psf_source_r={'survey': ['copsf'] * len(lens)})
+    return dict(images=np.stack([r['lens'] if l else r['control'] for r, l in zip(rows, y)]), labels=y,
+                inj=np.stack([r['inj'] for r in rows]), controls=np.stack([r['control'] for r in rows]),
+                sigma=np.stack([r['sigma'] for r in rows]), theta_e=meta.theta_e_arcsec.to_numpy(), psf_fwhm=meta.psf_fwhm_used_r.to_numpy(),
+                meta=meta, psf_variants=variants)
 
 # %% ../nbs/09_toys.ipynb
 def toy_stamp_table(toy:dict, split:str='test', prefix:str='toy')->pa.Table:

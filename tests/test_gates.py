@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from dhs.gates import GateConfig, run_gates, core_radii, noise_sigma, suppress_annulus, annulus_mask, main
-from dhs.toys import toy_gate_set, toy_score_fn, toy_stamp_table
+from dhs.toys import toy_gate_set, toy_score_fn, toy_stamp_table, manifest_gate_set
 
 
 def _halves(s):
@@ -42,7 +42,7 @@ def test_shortcut_set_fails(toys):
 def test_clean_set_passes(toys):
     rep = _report(toys['clean'], 'clean')
     assert rep.passed is True, rep.to_frame()
-    assert rep.not_run == ['psf_swap_ks']                           # toy stamps have no cache to re-render from
+    assert rep.not_run == ['flux_excess_ratio', 'psf_swap_ks']      # no unresolved toy lenses (theta_E >= 1.5"); no cache to re-render from
     assert abs(rep['core_only_auc'].value - 0.5) < 0.12
     assert rep['arc_suppressed_score'].detail['mean_score_pos'] > 0.6      # the toy arc model does see the arcs
     assert rep['radial_profile_auc_full'].value > 0.9 and rep['radial_profile_auc_full'].passed is None   # reported only
@@ -204,3 +204,68 @@ def test_psf_swap_gate_from_the_cache(tmp_path, monkeypatch):
     main([str(stamps), '--split', '', '--out', str(tmp_path/'moved-cache'), '--scorer', 'psfscorers:flux', '--cache', str(tmp_path/'moved')])
     g = {g['name']: g for g in json.loads((tmp_path/'moved-cache'/'gates.json').read_text())['gates']}['psf_swap_ks']
     assert g['passed'] is True and g['detail']['stored_max_abs_diff'] == 0.0
+
+
+# --- toy finders on the manifest's own draws (phase 4a's v4_sota grid, phase 4c's renderer, the sky's Moffat PSF) ---
+ARC_R_MIN_PIX = 10.0        # the arc toy sees rings beyond ~2 median psfsize (2 x 1.3"): the arc, not the lens's PSF core
+
+def _manifest_halves(s):
+    "First half to fit a toy finder, second half to gate it (with the PSF variants of its own lenses)."
+    a, b = _halves({k: v for k, v in s.items() if k != 'psf_variants'})
+    keep = np.arange(len(s['labels']))[s['labels'] == 1] >= len(s['labels']) // 2
+    b['psf_variants'] = dict(images={k: v[keep] for k, v in s['psf_variants']['images'].items()},
+                             psf_source_r={k: list(np.asarray(v)[keep]) for k, v in s['psf_variants']['psf_source_r'].items()})
+    return a, b
+
+
+@pytest.fixture(scope='module')
+def manifest_toys():
+    sets = {k: manifest_gate_set(400, k, seed=11) for k in ('clean', 'core')}
+    sets['gaussian'] = manifest_gate_set(400, 'clean', seed=11, injection_psf='gaussian')   # injections through a Gaussian, the sky a Moffat
+    return {k: _manifest_halves(v) for k, v in sets.items()}
+
+
+def _gate(manifest_toys, evaluate_on, finder, fit_on=None, **kw):
+    fit, _ = manifest_toys[fit_on or evaluate_on]
+    _, ev = manifest_toys[evaluate_on]
+    fn = toy_score_fn(finder, fit['images'], fit['labels'], **kw)
+    # 8 unresolved lenses (theta_E/psfsize_r < 0.5) in the half: enough to tell 0 found from all found
+    return run_gates(ev['images'], ev['labels'], GateConfig(min_flux_excess=8), ev['theta_e'], ev['psf_fwhm'], None, ev['sigma'],
+                     ev['controls'], fn, ev['meta'], population=f'{evaluate_on}/{finder}', psf_swap=ev['psf_variants'])
+
+
+def test_manifest_set_is_the_manifests_distribution(manifest_toys):
+    _, ev = manifest_toys['clean']
+    m = ev['meta']
+    from dhs.manifest import GRIDS
+    assert set(m.theta_e_arcsec) <= set(GRIDS['v4_sota']['theta_e_arcsec']) and set(m.src_dmag) <= set(GRIDS['v4_sota']['src_dmag'])
+    lens = m.is_control == 0
+    assert ((m.theta_over_psf < 0.5) & lens).sum() >= 8 and ((m.theta_over_psf >= 1) & lens).sum() >= 50
+
+
+def test_arc_toy_passes_every_gate(manifest_toys):
+    rep = _gate(manifest_toys, 'clean', 'arc', r_min_pix=ARC_R_MIN_PIX)
+    assert rep.passed is True and rep.not_run == [], rep.to_frame()
+    assert rep['core_only_auc'].detail['rule'] == 'images'                  # the core around the predicted images and light
+    fe = rep['flux_excess_ratio'].detail
+    assert fe['k_resolved'] / fe['n_resolved'] > 0.8 and fe['k_unresolved'] / fe['n_unresolved'] < 0.3
+
+
+def test_core_toy_fails_the_core_gates(manifest_toys):
+    rep = _gate(manifest_toys, 'core', 'core')
+    assert rep.passed is False
+    assert rep['core_only_auc'].passed is False and rep['core_masked_auroc_drop'].passed is False, rep.to_frame()
+    assert _gate(manifest_toys, 'core', 'arc', r_min_pix=ARC_R_MIN_PIX)['core_masked_auroc_drop'].passed is True   # the arc toy does not use it
+
+
+def test_unresolved_flux_toy_fails_flux_excess(manifest_toys):
+    rep = _gate(manifest_toys, 'clean', 'colour')      # blue flux in the central aperture: finds a lens whether or not it is resolved
+    assert rep['flux_excess_ratio'].passed is False and rep['flux_excess_ratio'].value > 1.0, rep['flux_excess_ratio']
+    assert rep['psf_swap_ks'].passed is True and rep['core_only_auc'].passed is True
+
+
+def test_psf_shape_toy_fails_psf_swap(manifest_toys):
+    rep = _gate(manifest_toys, 'clean', 'psf', fit_on='gaussian')   # trained on Gaussian-PSF injections, the sky's PSF a Moffat
+    assert rep['psf_swap_ks'].passed is False and rep['psf_swap_ks'].value > 0.25, rep['psf_swap_ks']
+    arc = _gate(manifest_toys, 'clean', 'arc', fit_on='gaussian', r_min_pix=ARC_R_MIN_PIX)
+    assert arc['psf_swap_ks'].passed is True                        # the same training set, a finder that looks at arcs
