@@ -275,7 +275,7 @@ def _bin_cell(row, digits:int)->str:
 
 def rate_table_latex(table:pd.DataFrame, caption:str='', label:str='', digits:int=2)->str:
     "LaTeX of one axis of `rate_by`/`stratified_tables`: bin, n, k, rate with its CP and (if measured) host-bootstrap interval (FPR in units of 10^e)."
-    ax, q, t0, host = AXES[table['axis'].iloc[0]], table['quantity'].iloc[0], table.iloc[0], 'rate_host_lo' in table
+    ax, q, t0, host = AXES[table['axis'].iloc[0]], table['quantity'].iloc[0], table.iloc[0], table.get('rate_host_lo', pd.Series(dtype=float)).notna().any()
     scale, head = 1.0, 'Completeness'
     if q == 'fpr':
         top = np.nanmax(table[['rate_hi', 'rate_host_hi'] if host else ['rate_hi']].to_numpy(float), initial=0.0)
@@ -296,7 +296,7 @@ def rate_table_latex(table:pd.DataFrame, caption:str='', label:str='', digits:in
 # %% ../nbs/41_selection.ipynb
 def tpr_table_latex(measured:pd.DataFrame, caption:str='', label:str='tab:tpr_at_fpr', digits:int=3)->str:
     "LaTeX of `apply_thresholds` output: target FPR, N_neg, N_FP, FPR, N_pos, N_TP, TPR (CP, and host bootstrap if measured); daggers mark unmeasurable rows."
-    host = 'tpr_host_lo' in measured
+    host = measured.get('tpr_host_lo', pd.Series(dtype=float)).notna().any()   # absent, or null in a summary without host ids
     rows = [[latex_sci(r['target_fpr']) + ('' if r['measurable'] else r'\,$^\dagger$'), int(r['n_neg']), int(r['n_fp']),
              latex_sci(r['fpr']), int(r['n_pos']), int(r['n_tp']), fmt_interval(r['tpr'], r['tpr_lo'], r['tpr_hi'], digits),
              *([fmt_interval(r['tpr'], r['tpr_host_lo'], r['tpr_host_hi'], digits)] if host else [])] for _, r in measured.iterrows()]
