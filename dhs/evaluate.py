@@ -14,9 +14,10 @@ from .guard import ArgumentParser, Check, integer, nonneg, open_fraction, positi
 from . import metrics as M, selection as S, gates as G, plots as P, toys
 
 # %% auto 0
-__all__ = ['SUMMARY_COLUMNS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats', 'load_scores', 'population',
-           'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces', 'score_distributions', 'calibration',
-           'run_checkpoints', 'resolved_scorer', 'stamp_gates', 'toy_gates', 'gates_for', 'run_evaluate', 'main']
+__all__ = ['SUMMARY_COLUMNS', 'INTERVAL_KINDS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats', 'load_scores',
+           'population', 'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces', 'score_distributions',
+           'calibration', 'run_checkpoints', 'resolved_scorer', 'stamp_gates', 'toy_gates', 'tpr_records', 'gates_for',
+           'run_evaluate', 'main']
 
 # %% ../nbs/48_evaluate.ipynb
 @dataclass
@@ -80,10 +81,11 @@ def target_fprs(cfg:EvaluateConfig)->list:
 def tpr_tables(df:pd.DataFrame, pop:M.Population, pop_text:str, cfg:EvaluateConfig, out:Path)->dict:
     "Measured TPR/FPR at the validation thresholds, bootstrap intervals, rates at prevalence, AUROC; written to tables/."
     fprs = target_fprs(cfg)
-    measured, thr = M.evaluate_split(df, pop, fprs, cfg.cl, population_text=pop_text)
+    measured, thr = M.evaluate_split(df, pop, fprs, cfg.cl, population_text=pop_text, seed=cfg.seed)
     val, test = df[M.Population(**{**asdict(pop), 'split': 'val'}).select(df)], df[pop.select(df)]
     yv, yt = M.labels_from_meta(val), M.labels_from_meta(test)
-    boot = M.bootstrap_tpr_at_fpr(val.score, yv, test.score, yt, fprs, cfg.n_boot, cfg.cl, cfg.seed)
+    hosts = lambda d: M.optional_host_clusters(d)[0]                  # None without host ids: rows resampled
+    boot = M.bootstrap_tpr_at_fpr(val.score, yv, test.score, yt, fprs, cfg.n_boot, cfg.cl, cfg.seed, hosts(val), hosts(test))
     table = M.rates_at_prevalence(measured.merge(boot, on='target_fpr'), cfg.prevalence)
     table.to_csv(out/'tables'/'tpr_at_fpr.csv', index=False)
     (out/'tables'/'tpr_at_fpr.tex').write_text(S.tpr_table_latex(measured))
@@ -98,7 +100,7 @@ def headline_row(measured:pd.DataFrame, cfg:EvaluateConfig)->pd.Series:
 
 def stratified(test:pd.DataFrame, h:pd.Series, pop_text:str, cfg:EvaluateConfig, out:Path)->pd.DataFrame:
     "Stratified completeness and FPR at the headline threshold: tables and one figure per axis."
-    strat = S.stratified_tables(test, h.threshold, h.target_fpr, pop_text, cl=cfg.cl)
+    strat = S.stratified_tables(test, h.threshold, h.target_fpr, pop_text, cl=cfg.cl, seed=cfg.seed)
     S.write_tables(strat, out/'tables')
     for (q, ax), part in strat.groupby(['quantity', 'axis'], sort=False):
         P.save_figure(P.plot_rates(part, population=pop_text), out/'figures'/f'{q}_{ax}')
@@ -108,7 +110,7 @@ def surfaces(test:pd.DataFrame, h:pd.Series, pop_text:str, cfg:EvaluateConfig, o
     "Completeness surfaces at the headline threshold: Parquet, CSV and a heat map each."
     made = {}
     for name, (x, y) in S.SURFACES.items():
-        try: s = S.completeness_surface(test, h.threshold, x, y, cl=cfg.cl, target_fpr=h.target_fpr, population=pop_text)
+        try: s = S.completeness_surface(test, h.threshold, x, y, cl=cfg.cl, target_fpr=h.target_fpr, population=pop_text, seed=cfg.seed)
         except KeyError as e: log(f'surface {name} skipped: {e}'); continue
         S.save_surface(s, out/'surfaces'/f'{name}.parquet', run_dir=str(cfg.run_dir), scores=str(score_path))
         s.to_csv(out/'surfaces'/f'{name}.csv', index=False)
@@ -177,7 +179,17 @@ def toy_gates(cfg:EvaluateConfig)->G.GateReport:
 
 # %% ../nbs/48_evaluate.ipynb
 SUMMARY_COLUMNS = ['target_fpr', 'threshold', 'n_neg_val', 'fpr_val', 'n_neg', 'n_fp', 'fpr', 'fpr_lo', 'fpr_hi', 'n_pos', 'n_tp', 'tpr',
-                   'tpr_lo', 'tpr_hi', 'tpr_boot_lo', 'tpr_boot_hi', 'measurable', 'expected_fp', 'purity', 'purity_lo', 'purity_hi']
+                   'tpr_lo', 'tpr_hi', 'tpr_boot_lo', 'tpr_boot_hi', 'measurable', 'expected_fp', 'purity', 'purity_lo', 'purity_hi',
+                   'fpr_host_lo', 'fpr_host_hi', 'tpr_host_lo', 'tpr_host_hi', 'n_host_pos', 'n_host_neg', 'n_boot_host']
+INTERVAL_KINDS = {'cp': 'Clopper-Pearson: exact binomial, rows taken as independent',
+                  'host_boot': "percentile bootstrap over host clusters (a host's injections and paired controls resampled together), thresholds fixed",
+                  'boot': 'percentile bootstrap with the thresholds re-fitted on validation per draw (host clusters resampled when the table has host ids)'}
+
+def tpr_records(table:pd.DataFrame)->list:
+    "summary.json's `tpr_at_fpr`: the SUMMARY_COLUMNS of each operating point and its TPR, FPR intervals as [lo, hi] per kind (INTERVAL_KINDS)."
+    rows = json.loads(table.to_json(orient='records'))      # NaN -> null; a column the table lacks (no host ids) -> null
+    return [{**{c: r.get(c) for c in SUMMARY_COLUMNS}, **{f'{q}_{k}': [r.get(f'{q}{s}_lo'), r.get(f'{q}{s}_hi')] for q in ('tpr', 'fpr')
+                                                          for k, s in (('cp', ''), ('host_boot', '_host'), ('boot', '_boot'))}} for r in rows]
 
 def _stamp_path(cfg:EvaluateConfig)->Path:
     run_dir = Path(cfg.run_dir)
@@ -194,10 +206,12 @@ def gates_for(cfg:EvaluateConfig, score_path:Path, synthetic:bool, log=print)->t
 # %% ../nbs/48_evaluate.ipynb
 def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)->dict:
     "The JSON record of an evaluation."
-    yv, yt = t['yv'], t['yt']
+    yv, yt, m0 = t['yv'], t['yt'], t['measured'].iloc[0]
+    hosts = {c: int(m0[f'n_host_{c}']) if f'n_host_{c}' in m0 else None for c in ('pos', 'neg')}
     return dict(population=pop_text, synthetic_scores=synthetic, gate_stamps=gate_source, cl=cfg.cl, prevalence=cfg.prevalence,
                 n_val=dict(pos=int(yv.sum()), neg=int(len(yv) - yv.sum())), n_test=dict(pos=int(yt.sum()), neg=int(len(yt) - yt.sum())),
-                headline=M.headline(h), tpr_at_fpr=json.loads(t['table'][SUMMARY_COLUMNS].to_json(orient='records')), **t['auc'],
+                n_test_hosts=hosts, host_clusters=t['measured'].attrs.get('host_clusters', ''), interval_kinds=INTERVAL_KINDS,
+                headline=M.headline(h), tpr_at_fpr=tpr_records(t['table']), **t['auc'],
                 calibration=calib, gates=dict(passed=report.passed, not_run=report.not_run,
                                               values={r.name: dict(value=r.value, threshold=r.threshold, passed=r.passed) for r in report.results}),
                 outputs=sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file()),

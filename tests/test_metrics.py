@@ -168,3 +168,36 @@ def test_stratified_counts_add_up():
     c = t[(t.quantity == 'completeness') & (t.axis == 'source_kind')]
     assert (c.n.sum(), c.k.sum()) == (m.n_pos.iloc[0], m.n_tp.iloc[0])
     assert t.population.eq(m.population.iloc[0]).all()
+
+
+def _hosts_table(n_hosts, rows_per_host, seed=0):
+    "Each host: `rows_per_host` injections with one score (a hard host fails them all) and as many paired controls of its own score."
+    rng = np.random.default_rng(seed)
+    h = np.repeat([f'1000_7_{i}' for i in range(n_hosts)], rows_per_host)
+    pos, neg = np.repeat(rng.normal(1.0, 1.0, n_hosts), rows_per_host), np.repeat(rng.normal(-1.0, 1.0, n_hosts), rows_per_host)
+    return pd.DataFrame(dict(host_id=np.r_[h, h], score=np.r_[pos, neg], is_control=np.r_[np.zeros(len(h)), np.ones(len(h))].astype(int)))
+
+
+def test_host_bootstrap_widens_by_sqrt_rows_per_host():
+    from dhs.metrics import host_clusters
+    thr = pd.DataFrame(dict(target_fpr=[0.1], threshold=[0.0]))
+    width = lambda m, q, s: float((m[f'{q}{s}_hi'] - m[f'{q}{s}_lo']).iloc[0])
+    for rows, expect in ((1, 1.0), (10, np.sqrt(10))):
+        df = _hosts_table(600, rows)
+        m = apply_thresholds(df.score, 1 - df.is_control, thr, clusters=host_clusters(df))
+        assert (m.n_host_pos.iloc[0], m.n_host_neg.iloc[0]) == (600, 600)      # a positive and its paired controls: one cluster
+        for q in ('tpr', 'fpr'):
+            assert width(m, q, '_host') / width(m, q, '') == pytest.approx(expect, rel=0.15), (rows, q)
+    again = apply_thresholds(df.score, 1 - df.is_control, thr, clusters=host_clusters(df))
+    pd.testing.assert_frame_equal(m, again)                                     # seeded: the same draws
+    other = apply_thresholds(df.score, 1 - df.is_control, thr, clusters=host_clusters(df), seed=1)
+    assert other.tpr_host_lo.iloc[0] != m.tpr_host_lo.iloc[0]
+
+
+def test_host_clusters_need_a_host_column():
+    from dhs.metrics import host_clusters
+    with pytest.raises(KeyError, match='no host identifier to cluster rows by: need column host_id or brickname\\+objid'):
+        host_clusters(pd.DataFrame(dict(score=[0.5], is_control=[0])))
+    assert host_clusters(pd.DataFrame(dict(region_id=[5, 9, 5])), by='region').tolist() == [0, 1, 0]
+    m, _ = evaluate_split(synthetic_score_table(3000, seed=2).drop(columns='host_id'), fprs=[1e-2])
+    assert 'tpr_host_lo' not in m and 'host_id' in m.attrs['host_clusters']     # CP only, and the table says why
