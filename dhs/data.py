@@ -27,7 +27,7 @@ __all__ = ['FILTER_COLUMNS', 'LENS_LIKE', 'CONDITION_COLUMNS', 'Filters', 'lens_
 @dataclass
 class Filters:
     "Which rows form the sample; every filter applies to injections and controls alike."
-    min_theta_over_psf:float = 0.0     # theta_E / PSF FWHM (r) >= this [-]
+    min_theta_over_psf:float = 0.0     # theta_E / psfsize_r >= this [-] (dhs.stamps.theta_over_psf)
     min_arc_snr:float = 0.0            # matched-filter arc S/N in r >= this (shadow arc for controls)
     min_magnification:float = 0.0      # total magnification of the source >= this
     min_tangential_stretch:float = 0.0 # tangential stretch at the brightest image >= this

@@ -20,7 +20,7 @@ from .lensing import Lens, check_lens, image_positions, stretch
 from .render import add_shot_noise, arc_snr_bands, arc_snr_seed, render_lensed, band_kernels
 from .sources import ClumpySource, SersicSource, band_fluxes_from_mag, nmgy_to_mag
 from .templates import TemplateBank, TemplateSource, hdf_template_bank
-from .psf import moffat_fwhm_from_psfsize, fwhm_of_image
+from .psf import moffat_fwhm_from_psfsize, fwhm_of_image, theta_e_over_psfsize
 from .stamps import encode_npz, encode_stamps, write_stamp_table
 from .survey import copsf_relpath, ccds_relpath, read_copsf, read_ccds, band_ccds, coadd_gain
 from .guard import (DECODE_TIMEOUT_S, ArgumentParser, IsolatedDecoder, check_config, claim_output, fingerprint, fraction, list_of,
@@ -216,7 +216,7 @@ def _physics(task:dict, m:dict)->tuple[int, str]:
     if m['n_images'] < 2: warn.append(f"n_images={m['n_images']}")
     if not (np.isfinite(m['magnification']) and m['magnification'] >= 1): warn.append(f"magnification={m['magnification']:.3g}")
     if m['psf_fallback']: warn.append('psf_fallback')
-    if task['theta_e_arcsec'] < 0.5 * m['psf_fwhm_used_r']: warn.append('theta_e<psf/2')
+    if theta_e_over_psfsize(task['theta_e_arcsec'], task.get('psfsize_r', np.nan)) < 0.5: warn.append('theta_over_psf<0.5')   # unresolved
     if m['lensed_flux_r'] > 0 and m['total_injected_flux_r'] < 0.9 * m['lensed_flux_r']: warn.append('arc_beyond_stamp')
     valid = m['n_images'] >= 2 and np.isfinite(m['magnification']) and m['magnification'] >= 1 and m['lensed_flux_r'] > 0
     return int(valid), ';'.join(warn)

@@ -213,7 +213,7 @@ def facts(row:pd.Series)->list[tuple[str, str]]:
              ('RA, Dec [deg]', v('ra') is not None and f'{row.ra:.5f}, {row.dec:+.5f}'), ('brick', v('brickname')), ('host', v('host_id')),
              ('host mag [AB]', mags or None),
              ('host size [″]', v('shape_r') is not None and f'{row.shape_r:.2f}'), ('E(B−V)', v('ebv') is not None and f'{row.ebv:.3f}'),
-             ('PSF FWHM g/r/z [″]', bands('psfsize_', '{:.2f}'.format)),
+             ('psfsize g/r/z [″]', bands('psfsize_', '{:.2f}'.format)),
              ('5σ depth g/r/z [AB]', bands('galdepth_', lambda x: f'{float(depth5_mag(x)):.2f}')), ('split', v('region_split')),
              ('above threshold at', _passes(row))]
     return [(k, str(x)) for k, x in items if x not in (None, False)]

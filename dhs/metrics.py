@@ -30,7 +30,7 @@ class Population:
     grid:str = ''                      # injection grid (v4_sota, realistic, ...); filters on a `grid` column if present
     dmag:tuple|None = None             # (lo, hi) src_dmag range kept [mag], both classes
     source_kind:str = ''               # sersic | clumpy | template; '' = all
-    min_theta_over_psf:float = 0.0     # keep theta_E / FWHM_r >= this, both classes
+    min_theta_over_psf:float = 0.0     # keep theta_E / psfsize_r >= this, both classes (dhs.psf.theta_e_over_psfsize)
     note:str = ''                      # free text appended to the description
 
     def describe(self)->str:
@@ -38,16 +38,15 @@ class Population:
         parts = [f'{self.split} split' if self.split else 'all splits', f'grid {self.grid or "any"}',
                  f'src_dmag in [{self.dmag[0]:g}, {self.dmag[1]:g}]' if self.dmag else 'all src_dmag',
                  f'source kind {self.source_kind or "all"}',
-                 f'theta_E/FWHM_r >= {self.min_theta_over_psf:g}' if self.min_theta_over_psf > 0 else 'no theta_E/FWHM_r cut']
+                 f'theta_E/psfsize_r >= {self.min_theta_over_psf:g}' if self.min_theta_over_psf > 0 else 'no theta_E/psfsize_r cut']
         return '; '.join(parts) + ' (cuts on both classes)' + (f'; {self.note}' if self.note else '')
 
 # %% ../nbs/40_metrics.ipynb
 def psf_fwhm_r(df:pd.DataFrame)->pd.Series:
-    "r-band PSF FWHM [arcsec] by the seed's binning rule: psf_fwhm_used_r, falling back to psfsize_r."
-    if 'psf_fwhm_used_r' in df and 'psfsize_r' in df: return df['psf_fwhm_used_r'].where(df['psf_fwhm_used_r'] > 0, df['psfsize_r'])
-    for c in ('psf_fwhm_used_r', 'psfsize_r'):
-        if c in df: return df[c].astype(float)
-    raise KeyError('need a psf_fwhm_used_r or psfsize_r column for the PSF FWHM; the stamp table has them (STAMP_SCHEMA.md)')
+    "Measured FWHM [arcsec] of the r PSF each injection was rendered with (psf_fwhm_used_r); NaN where not positive. Not psfsize_r."
+    if 'psf_fwhm_used_r' not in df: raise KeyError('need psf_fwhm_used_r (the FWHM of the injection PSF, phase 4c) for the PSF FWHM; psfsize_r is another quantity')
+    f = df['psf_fwhm_used_r'].astype(float)
+    return f.where(f > 0)
 
 # %% ../nbs/40_metrics.ipynb
 def _select(self, df:pd.DataFrame)->np.ndarray:

@@ -103,6 +103,7 @@ def plot_rates(table:pd.DataFrame, ax=None, label:str='', annotate_n:bool=True, 
         for xi, yi, n in zip(x, t['rate_hi'], t['n']): ax.annotate(f'{n}', (xi, yi), fontsize=5, ha='center', va='bottom')
     if cat: ax.set_xticks(x, t['bin'], rotation=30, ha='right', fontsize=6)
     ax.set(xlabel=a.label, ylabel='completeness' if q == 'completeness' else 'false-positive rate')
+    if a.log and not cat: ax.set_xscale('log')
     if q == 'fpr':
         pos = np.r_[t['rate_lo'][t['rate_lo'] > 0], t['rate_hi'][t['rate_hi'] > 0]]
         ax.set_yscale('log'); ax.set_ylim(pos.min() / 3 if len(pos) else 1e-6, min(1.0, pos.max() * 3) if len(pos) else 1.0)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from .core import atomic_path, provenance, write_parquet, with_metadata
 from .survey import depth5_mag
 from .stamps import theta_over_psf
-from .metrics import DEFAULT_CL, N_BOOT, clopper_pearson, psf_fwhm_r, binned_host_interval, optional_host_clusters
+from .metrics import DEFAULT_CL, N_BOOT, clopper_pearson, binned_host_interval, optional_host_clusters
 from .tables import latex_escape, latex_sci, fmt_interval, latex_table
 
 # %% auto 0
@@ -30,11 +30,14 @@ class Axis:
     label:str                 # LaTeX label with unit
     edges:tuple|None = None   # default bin edges; None = categorical
     digits:int = 2            # decimals of bin edges in tables
+    log:bool = False          # plot on a log axis (positive edges)
 
 AXES = {a.name: a for a in [
     Axis('theta_e', 'theta_e_arcsec', r'$\theta_\mathrm{E}$ [arcsec]', (0.25, 0.625, 0.875, 1.125, 1.375, 1.625, 1.875, 2.125, 2.375, 2.625, 3.5), 3),
-    Axis('theta_over_psf', 'theta_over_psf', r'$\theta_\mathrm{E}/\mathrm{FWHM}_r$', (0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 4.0)),
-    Axis('psf_fwhm_r', 'psf_fwhm_r', r'FWHM$_r$ [arcsec]', (0.6, 1.0, 1.2, 1.4, 1.6, 1.8, 2.2, 3.0)),
+    Axis('theta_over_psf', 'theta_over_psf', r'$\theta_\mathrm{E}/\mathrm{psfsize}_r$', (0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 4.0)),
+    Axis('psfsize_r', 'psfsize_r', r'$\mathrm{psfsize}_r$ [arcsec]', (0.6, 1.0, 1.2, 1.4, 1.6, 1.8, 2.2, 3.0)),
+    Axis('magnification', 'magnification', r'total magnification $\mu$', (1, 2, 3, 5, 10, 20, 50, np.inf), 0, True),
+    Axis('tangential_stretch', 'tangential_stretch', r'tangential stretch $\mu_t$ (brightest image)', (1, 1.5, 2, 3, 5, 10, np.inf), 1, True),
     Axis('depth5_r', 'depth5_r', r'$m_{5\sigma,r}$ (galaxy depth) [mag]', (22.5, 23.5, 23.75, 24.0, 24.25, 24.5, 24.75, 25.0, 26.0)),
     Axis('arc_snr', 'arc_snr', r'arc S/N ($r$, matched filter)', (0, 5, 10, 20, 40, 80, 160, np.inf), 0),
     Axis('lensed_mag_r', 'lensed_mag_r', r'lensed arc $r$ [mag]', (14, 19, 20, 21, 22, 23, 24, 27), 1),
@@ -43,8 +46,9 @@ AXES = {a.name: a for a in [
     Axis('truth_class', 'truth_class', 'contaminant class'),
     Axis('control_kind', 'control_kind', 'negative kind'),
 ]}
-COMPLETENESS_AXES = ('theta_e', 'theta_over_psf', 'psf_fwhm_r', 'depth5_r', 'arc_snr', 'lensed_mag_r', 'source_kind')
-FPR_AXES = ('psf_fwhm_r', 'depth5_r', 'host_mag_z', 'truth_class', 'control_kind')
+COMPLETENESS_AXES = ('theta_e', 'theta_over_psf', 'psfsize_r', 'depth5_r', 'arc_snr', 'lensed_mag_r', 'magnification',
+                     'tangential_stretch', 'source_kind')
+FPR_AXES = ('psfsize_r', 'depth5_r', 'host_mag_z', 'truth_class', 'control_kind')
 
 # %% ../nbs/41_selection.ipynb
 def depth5_r(df:pd.DataFrame)->pd.Series:
@@ -53,7 +57,7 @@ def depth5_r(df:pd.DataFrame)->pd.Series:
     if 'depth5_r' in df: return df['depth5_r'].astype(float)
     raise KeyError('need galdepth_r (or depth5_r) for the depth axis; the stamp table carries galdepth_r')
 
-_DERIVED = {'psf_fwhm_r': psf_fwhm_r, 'theta_over_psf': theta_over_psf, 'depth5_r': depth5_r}
+_DERIVED = {'theta_over_psf': theta_over_psf, 'depth5_r': depth5_r}
 
 def axis_values(df:pd.DataFrame, axis:Axis|str)->pd.Series:
     "Values of an axis for each row (derived quantities computed)."
@@ -142,9 +146,9 @@ def stratified_tables(df:pd.DataFrame, threshold:float, target_fpr:float=np.nan,
     return out
 
 # %% ../nbs/41_selection.ipynb
-SURFACES = {'theta_e-psf': ('theta_e', 'psf_fwhm_r'), 'theta_e-depth': ('theta_e', 'depth5_r')}
+SURFACES = {'theta_e-psf': ('theta_e', 'psfsize_r'), 'theta_e-depth': ('theta_e', 'depth5_r')}
 
-def completeness_surface(df:pd.DataFrame, threshold:float, x:str='theta_e', y:str='psf_fwhm_r', x_edges=None, y_edges=None,
+def completeness_surface(df:pd.DataFrame, threshold:float, x:str='theta_e', y:str='psfsize_r', x_edges=None, y_edges=None,
                          cl:float=DEFAULT_CL, score_col:str='score', target_fpr:float=np.nan, population:str='',
                          cluster_by:str='host', n_boot:int=N_BOOT, seed:int=0)->pd.DataFrame:
     "Completeness of injected lenses at `score >= threshold` on an (x, y) grid of cells, long format; host-bootstrap intervals when `cluster_by` columns exist."
@@ -245,7 +249,7 @@ def main(argv:list|None=None)->int:
     "`dhs completeness SURFACE LENSES --out FILE`: expected completeness of each lens of a population."
     from dhs.guard import ArgumentParser, positive_int
     ap = ArgumentParser(prog='dhs completeness', description='Apply a completeness surface saved by the evaluation (completeness '
-                        'of injected lenses in 2-D bins, e.g. theta_E x PSF FWHM, with intervals) to your own lens population: '
+                        'of injected lenses in 2-D bins, e.g. theta_E x psfsize_r, with intervals) to your own lens population: '
                         'each lens gets the expected completeness and its interval.')
     ap.add_argument('surface', help='a saved completeness surface (evaluation/surfaces/NAME.parquet)')
     ap.add_argument('lenses', help="CSV or Parquet table of lenses with the surface's columns")

@@ -356,7 +356,7 @@ def write_brick_coadds(base:str|Path,        # local root laid out like DR10 (`<
                        wcs:WCS,              # the brick's WCS (`brick_wcs`)
                        image:np.ndarray,     # (nb, P, P) [nanomaggies/pixel]
                        invvar:np.ndarray,    # (nb, P, P) [1/nanomaggy^2]
-                       psfsize:np.ndarray,   # (nb, P, P) PSF FWHM map [arcsec]
+                       psfsize:np.ndarray,   # (nb, P, P) psfsize map: FWHM of the Gaussian with the PSF's NEA [arcsec]
                        maskbits:np.ndarray,  # (P, P) DR10 MASKBITS
                        bands=BANDS,          # band of each plane
                       )->list[Path]:

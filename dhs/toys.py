@@ -162,21 +162,22 @@ def _posterior_logit(e, mu_pos, shift_neg, n_grid:int=2000):
     return np.interp(e, grid, _log_mixture(grid, cp, wp / wp.sum()) - _log_mixture(grid, cn, wn / wn.sum()))
 
 def synthetic_score_table(n:int=20000, seed:int=0, overconfidence:float=2.5)->pd.DataFrame:
-    "Toy phase 5 score table: metadata columns and a `score` that depends on theta_E/PSF, arc S/N and contaminant class."
+    "Toy phase 5 score table: metadata columns and a `score` that depends on theta_E/psfsize_r, arc S/N (so magnification) and contaminant class."
     rng = np.random.default_rng(seed)
     ctrl = (rng.random(n) < 0.5).astype(int)
-    fwhm, theta = np.clip(rng.lognormal(np.log(1.3), 0.18, n), 0.8, 2.4), rng.uniform(0.5, 2.5, n)
+    fwhm, theta = np.clip(rng.lognormal(np.log(1.3), 0.18, n), 0.8, 2.4), rng.uniform(0.5, 2.5, n)   # Gaussian PSFs: psfsize = FWHM
     galdepth = depth5_ivar(rng.normal(24.2, 0.3, n))                # ivar [1/nmgy^2] of a 5-sigma depth ~24.2
     depth5 = depth5_mag(galdepth)
     dmag, mag_r = rng.uniform(0.5, 5.0, n), rng.uniform(18.5, 21.5, n)
-    lensed = mag_r + dmag - 2.5 * np.log10(rng.uniform(2, 10, n))      # magnification 2-10
+    magn = rng.uniform(2, 10, n)                                       # total magnification
+    lensed = mag_r + dmag - 2.5 * np.log10(magn)
     snr = 2.5 * 10 ** (-0.4 * (lensed - depth5)) / np.sqrt(1 + 4 * theta / fwhm)   # arcs spread over more pixels than a PSF
     truth = np.where(ctrl == 1, rng.choice(TRUTH_CLASSES, n, p=[0.9, 0.04, 0.02, 0.02, 0.02]), 'lrg')
     mu = np.clip(2.0 * np.clip(theta / fwhm, 0, 2.5) + 2.0 * np.log(np.maximum(snr, 1) / 5), 0, 14)
     shift = pd.Series(truth).map(_CONTAMINANT_SHIFT).to_numpy()
     e = np.where(ctrl == 0, rng.normal(mu, 1), rng.normal(shift, 1))
     z = _posterior_logit(e, mu[ctrl == 0], shift[ctrl == 1])
-    return pd.DataFrame(dict(
+    df = pd.DataFrame(dict(
         task_id=[f'syn-{i:07d}' for i in range(n)], region_split=rng.choice(['train', 'val', 'test'], n, p=[0.2, 0.4, 0.4]),
         is_control=ctrl, control_kind=np.where(ctrl == 1, rng.choice(['paired', 'unpaired'], n), 'none'),
         source_kind=rng.choice(['sersic', 'clumpy', 'template'], n, p=[0.5, 0.25, 0.25]), theta_e_arcsec=theta,
@@ -184,6 +185,7 @@ def synthetic_score_table(n:int=20000, seed:int=0, overconfidence:float=2.5)->pd
         depth5_r=depth5, arc_snr=snr, lensed_mag_r=lensed, mag_r=mag_r, mag_z=mag_r - rng.normal(1.5, 0.2, n),
         ebv=rng.uniform(0, 0.1, n), theta_over_psf=theta_e_over_psfsize(theta, fwhm), truth_class=truth, host_id=[f'h{i}' for i in rng.permutation(n)],
         score=sigmoid(overconfidence * z).astype('f4')))
+    return df.assign(magnification=magn, tangential_stretch=magn / rng.uniform(1.0, 1.5, n))   # radial stretch 1-1.5 (near-isothermal)
 
 # %% ../nbs/09_toys.ipynb
 TOY_NOISE = (0.003, 0.0047, 0.0107)    # per-pixel sigma g, r, z [nmgy]: 5-sigma PSF depths ~24.9, 24.4, 23.5 at FWHM 1.3"

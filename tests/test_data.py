@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 from dhs.data import (Filters, Preprocess, StampDataset, batches_per_rank, preprocess, select_rows)
 from dhs.toys import synthetic_stamp_table
-from dhs.stamps import decode_stamps, write_stamp_table
+from dhs.stamps import decode_stamps, theta_over_psf, write_stamp_table
 
 torch.set_num_threads(1)
 
@@ -84,7 +84,7 @@ def test_filters_select_the_same_rows_on_both_classes(folder, table, row_of):
     seen = _seen(per_rank, row_of, table)
     assert sorted(seen) == sorted(expect)
     sel = df.iloc[seen]
-    assert (sel.arc_snr >= 20).all() and (sel.theta_e_arcsec / sel.psf_fwhm_used_r >= 0.8).all()
+    assert (sel.arc_snr >= 20).all() and (theta_over_psf(sel) >= 0.8).all()
     assert set(sel.region_split) == {'train', 'val'}
     assert set(sel[sel.is_control == 1].control_kind) == {'paired'} and (sel.is_control == 0).sum() > 0
 

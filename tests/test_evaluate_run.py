@@ -19,14 +19,20 @@ def _run(run_dir, **params):
 def test_standalone_run_writes_every_output(tmp_path):
     s = _run(tmp_path, n_boot=10, min_theta_over_psf=0.5)
     ev = tmp_path/'evaluation'
-    assert s['synthetic_scores'] is True and 'SYNTHETIC' in s['population'] and 'theta_E/FWHM_r >= 0.5' in s['population']
+    assert s['synthetic_scores'] is True and 'SYNTHETIC' in s['population'] and 'theta_E/psfsize_r >= 0.5' in s['population']
     for f in ('figures/roc.png', 'figures/roc.pdf', 'tables/tpr_at_fpr.csv', 'tables/tpr_at_fpr.tex', 'tables/stratified.csv',
-              'tables/completeness_theta_e.tex', 'tables/fpr_truth_class.csv', 'surfaces/theta_e-psf.parquet', 'surfaces/theta_e-depth.parquet',
+              'tables/completeness_theta_e.tex', 'tables/fpr_truth_class.csv', 'tables/completeness_theta_over_psf.tex',
+              'tables/completeness_psfsize_r.csv', 'tables/fpr_psfsize_r.tex', 'tables/completeness_magnification.csv',
+              'tables/completeness_magnification.tex', 'tables/completeness_tangential_stretch.csv', 'tables/completeness_tangential_stretch.tex',
+              'figures/completeness_magnification.png', 'figures/completeness_tangential_stretch.pdf',
+              'surfaces/theta_e-psf.parquet', 'surfaces/theta_e-depth.parquet',
               'figures/surface_theta_e-psf.pdf', 'figures/calibration.png', 'gates.json', 'gates.tex', 'summary.json'):
         assert (ev/f).exists(), f
     t = pd.read_csv(ev/'tables'/'tpr_at_fpr.csv')
     assert t.target_fpr.tolist() == [1e-2, 1e-3, 1e-4, 1e-5] and (t.n_neg > 0).all()
     assert t.measurable.tolist() == [bool(n * f >= 10) for n, f in zip(t.n_neg, t.target_fpr)]
+    mu = pd.read_csv(ev/'tables'/'completeness_magnification.csv')     # the synthetic magnifications (2-10) all fall inside the edges
+    assert mu.n.sum() == t.n_pos.iloc[0] and mu.bin.tolist()[-1] == '[50, inf)' and not (ev/'tables'/'completeness_psf_fwhm_r.csv').exists()
     assert s['calibration']['ece_after'] < s['calibration']['ece_before']
     assert s['gates']['passed'] is True and s['gate_stamps'] == 'toy'
     assert s['provenance']['config']['min_theta_over_psf'] == 0.5

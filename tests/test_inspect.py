@@ -235,7 +235,7 @@ def test_dhs_inspect_on_the_tiny_run(tiny_run, page, tmp_path, spark):
         loaded = d.execute_script("return [...document.images].map(i => i.complete ? i.naturalWidth : -1)")
         assert loaded == [64, 64, 3 * 64 + 2 * 2]                     # asinh, residual, g|r|z strip
         text = d.find_element(By.TAG_NAME, 'aside').text
-        assert 'PSF FWHM g/r/z' in text and '5σ depth g/r/z' in text and f'{cand.ra.iloc[0]:.5f}' in text
+        assert 'psfsize g/r/z' in text and '5σ depth g/r/z' in text and f'{cand.ra.iloc[0]:.5f}' in text
         assert 'Legacy Surveys' not in d.page_source                   # a mock sky: no sky-viewer link
         for i, g in enumerate('XXBX'): _key(d, g.lower()); _at(d, f'/search/{i + 2}')
         lens = cand.dropna(subset=['known_lens_name']).iloc[0]

@@ -7,7 +7,7 @@ from dhs.metrics import (clopper_pearson, roc_table, fit_thresholds, apply_thres
                          auroc, ece, fit_temperature, apply_temperature, sigmoid, logit, rates_at_prevalence, evaluate_split,
                          Population, headline)
 from dhs.toys import synthetic_score_table
-from dhs.selection import completeness_surface, apply_surface, save_surface, load_surface, stratified_tables
+from dhs.selection import completeness_surface, apply_surface, save_surface, load_surface, stratified_tables, rate_by
 
 
 def test_ties_all_negatives_tied_with_some_positives():
@@ -201,3 +201,26 @@ def test_host_clusters_need_a_host_column():
     assert host_clusters(pd.DataFrame(dict(region_id=[5, 9, 5])), by='region').tolist() == [0, 1, 0]
     m, _ = evaluate_split(synthetic_score_table(3000, seed=2).drop(columns='host_id'), fprs=[1e-2])
     assert 'tpr_host_lo' not in m and 'host_id' in m.attrs['host_clusters']     # CP only, and the table says why
+
+
+def test_completeness_by_magnification_and_stretch():
+    # hits depend on magnification only: 10% of the lenses below mu = 3 are found, 90% above; stretch = mu / 1.25
+    rng = np.random.default_rng(4)
+    mu = np.exp(rng.uniform(np.log(1.2), np.log(40), 3000))
+    hit = rng.random(3000) < np.where(mu < 3, 0.1, 0.9)
+    df = pd.DataFrame(dict(is_control=np.r_[np.zeros(3000, int), np.ones(10, int)], magnification=np.r_[mu, np.full(10, 5.0)],
+                           tangential_stretch=np.r_[mu / 1.25, np.full(10, 4.0)], score=np.r_[hit, np.ones(10)].astype(float)))
+    t = stratified_tables(df, 0.5, completeness_axes=('magnification', 'tangential_stretch'), fpr_axes=())
+    m = t[t.axis == 'magnification'].set_index('bin')
+    for b, lo, hi in [('[1, 2)', 1, 2), ('[2, 3)', 2, 3), ('[10, 20)', 10, 20)]:
+        inside = (mu >= lo) & (mu < hi)
+        assert (m.n[b], m.k[b]) == (inside.sum(), hit[inside].sum())
+    assert m.rate['[1, 2)'] < 0.2 and m.rate['[3, 5)'] > 0.8 and m.rate_hi['[2, 3)'] < m.rate_lo['[3, 5)']
+    assert m.n.sum() == 3000 and m.n['[50, inf)'] == 0                # controls never counted; no mu >= 40
+    s = t[t.axis == 'tangential_stretch']
+    assert s.n.sum() == (mu / 1.25 >= 1).sum() and s.rate.iloc[0] < 0.2 and s.rate.iloc[-2] > 0.8
+    old = df.drop(columns='tangential_stretch')                       # a table from before phase 4c wrote the column
+    with pytest.raises(KeyError, match="axis 'tangential_stretch' needs column 'tangential_stretch'"):
+        rate_by(old, 0.5, 'tangential_stretch')
+    t = stratified_tables(old, 0.5, completeness_axes=('magnification', 'tangential_stretch'), fpr_axes=())
+    assert set(t.axis) == {'magnification'} and "needs column 'tangential_stretch'" in t.attrs['skipped'][0]
