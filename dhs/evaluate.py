@@ -150,8 +150,9 @@ def resolved_scorer(cfg:EvaluateConfig, ck:str)->str:
     "The score-function factory the score gates use: the one asked for, else the image scorer of the run's checkpoints (if any)."
     return cfg.scorer or ('dhs.score:image_scorer' if ck else '')
 
-def stamp_gates(cfg:EvaluateConfig, stamp_path:Path, score_path:Path|None, ck:str, log=print)->G.GateReport:
-    "The gates on a stamp table's rows of the measured split, score gates with the scorer of `ck` when there is one."
+def stamp_gates(cfg:EvaluateConfig, stamp_path:Path, score_path:Path|None, ck:str, log=print, threshold:float|None=None,
+                threshold_from:str='')->G.GateReport:
+    "The gates on a stamp table's rows of the measured split, score gates with the scorer of `ck` when there is one (flux excess at `threshold`)."
     gc = G.GateConfig(max_stamps=int(cfg.gate_max_stamps), seed=int(cfg.seed))
     g = G.load_gate_inputs(stamp_path, cfg.split, gc.max_stamps, gc.seed, score_path)
     scorer, score_fn = resolved_scorer(cfg, ck), None
@@ -164,7 +165,7 @@ def stamp_gates(cfg:EvaluateConfig, stamp_path:Path, score_path:Path|None, ck:st
         if swap is None and not cfg.cache and (Path(cfg.run_dir)/'cache').is_dir():
             swap = G.load_psf_swap(stamp_path, cfg.split, gc.psf_swap_n, gc.seed, str(Path(cfg.run_dir)/'cache'))
     report = G.run_gates(g['images'], g['labels'], gc, g['theta_e'], g['psf_fwhm'], None, None, g['controls'], score_fn, g['meta'],
-                         f'{stamp_path} ({cfg.split} split)', swap)
+                         f'{stamp_path} ({cfg.split} split)', swap, threshold, threshold_from)
     if g['model_scores'] is not None: report.results.append(G.model_auroc_result(g['model_scores'], g['labels']))
     return report
 
@@ -196,14 +197,20 @@ def _stamp_path(cfg:EvaluateConfig)->Path:
     if cfg.stamps: return Path(cfg.stamps)
     return next((p for p in (run_dir/'stamps'/'stamps', run_dir/'stamps') if p.exists()), run_dir/'stamps')
 
-def gates_for(cfg:EvaluateConfig, score_path:Path, synthetic:bool, log=print)->tuple[G.GateReport, str, str]:
-    "(gate report, where its stamps came from, the checkpoints used)."
+def gates_for(cfg:EvaluateConfig, score_path:Path, synthetic:bool, log=print, h=None)->tuple[G.GateReport, str, str]:
+    "(gate report, where its stamps came from, the checkpoints used); the flux-excess gate at the headline row `h`'s threshold (the model's own scores)."
     stamp_path, ck = _stamp_path(cfg), cfg.checkpoint or ','.join(run_checkpoints(Path(cfg.run_dir)))
-    if stamp_path.exists(): return stamp_gates(cfg, stamp_path, None if synthetic else score_path, ck, log), str(stamp_path), ck
+    thr = (float(h.threshold), f'validation, FPR {float(h.target_fpr):g}') if h is not None and not synthetic else (None, '')
+    if stamp_path.exists(): return stamp_gates(cfg, stamp_path, None if synthetic else score_path, ck, log, *thr), str(stamp_path), ck
     if cfg.stamps: raise FileNotFoundError(f'stamp table {cfg.stamps} does not exist; run phase 4c or leave stamps empty for toy gates')
     return toy_gates(cfg), 'toy', ck
 
 # %% ../nbs/48_evaluate.ipynb
+def _flux_excess(report)->dict:
+    "Completeness of unresolved (theta_E/psfsize_r < 0.5) beside resolved (>= 1) lenses at the gates' operating threshold, with CP intervals."
+    r = next((r for r in report.results if r.name == 'flux_excess_ratio'), None)
+    return {k: v for k, v in (r.detail or {}).items()} if r is not None else {}
+
 def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)->dict:
     "The JSON record of an evaluation."
     yv, yt, m0 = t['yv'], t['yt'], t['measured'].iloc[0]
@@ -213,7 +220,8 @@ def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, pa
                 n_test_hosts=hosts, host_clusters=t['measured'].attrs.get('host_clusters', ''), interval_kinds=INTERVAL_KINDS,
                 headline=M.headline(h), tpr_at_fpr=tpr_records(t['table']), **t['auc'],
                 calibration=calib, gates=dict(passed=report.passed, not_run=report.not_run,
-                                              values={r.name: dict(value=r.value, threshold=r.threshold, passed=r.passed) for r in report.results}),
+                                              values={r.name: dict(value=r.value, threshold=r.threshold, passed=r.passed) for r in report.results},
+                                              flux_excess=_flux_excess(report)),
                 outputs=sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file()),
                 provenance=provenance(config=params, seeds=dict(bootstrap=cfg.seed, gates=cfg.seed)))
 
@@ -231,7 +239,7 @@ def run_evaluate(cfg:EvaluateConfig, log=print)->dict:
     surfaces(t['test'], h, pop_text, cfg, out, score_path, log)
     score_distributions(t['test'], out)
     calib = calibration(t, pop_text, cfg, out)
-    report, gate_source, ck = gates_for(cfg, score_path, synthetic, log)
+    report, gate_source, ck = gates_for(cfg, score_path, synthetic, log, h)
     report.write(out, 'gates')
     params = dict(asdict(cfg), scores=str(score_path), stamps=str(_stamp_path(cfg)), checkpoint=ck, scorer=resolved_scorer(cfg, ck) if cfg.score_gates else '', truth=str(truth_path) if truth_path.exists() else '')
     summary = _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)

@@ -92,6 +92,8 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
     gates = s['gates']['values']
     for g in ('arc_suppressed_score', 'ring_counterfactual'):          # the score gates (tiny: too few stamps for the CV gates)
         assert gates[g]['value'] is not None, f'{g} did not run with the trained checkpoint'
+    fe = s['gates']['flux_excess']                                     # unresolved beside resolved, at the validation threshold
+    assert fe['threshold_from'].startswith('validation, FPR') and {'n_unresolved', 'completeness_resolved_lo'} <= set(fe)
     swap = json.loads((run_dir/'evaluation'/'gates.json').read_text())
     swap = next(g for g in swap['gates'] if g['name'] == 'psf_swap_ks')
     assert swap['detail']['n_rows'] > 0 and swap['detail']['stored_model'] == 'survey'   # test injections re-made from the run's cache...
