@@ -209,7 +209,7 @@ def gates_for(cfg:EvaluateConfig, score_path:Path, synthetic:bool, log=print, h=
 def _flux_excess(report)->dict:
     "Completeness of unresolved (theta_E/psfsize_r < 0.5) beside resolved (>= 1) lenses at the gates' operating threshold, with CP intervals."
     r = next((r for r in report.results if r.name == 'flux_excess_ratio'), None)
-    return {k: v for k, v in (r.detail or {}).items()} if r is not None else {}
+    return dict(r.detail or {}) if r is not None else {}
 
 def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)->dict:
     "The JSON record of an evaluation."
