@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import provenance, write_json, runs_dir
 from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, list_of, nonneg, nonneg_int, number, open_fraction,
-                       one_of, optional, positive, positive_int, power_of_two, proper_fraction)
+                       one_of, optional, positive, positive_int, power_of_two, proper_fraction, split_fractions)
 
 # %% auto 0
 __all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset',
@@ -81,6 +81,7 @@ PARAM_CHECKS = {  # phase -> parameter -> range check, beyond the type of the pa
     'mocksky': dict(n_bricks=optional(positive_int), brick_pixels=optional(positive_int), n_lenses=optional(nonneg_int), workers=positive_int),
     'parent': dict(lens_radius_arcsec=nonneg),
     'manifest': dict(tasks_per_host=positive_int, control_frac=proper_fraction, unpaired_frac=fraction, nside=power_of_two,
+                     eval_controls=one_of('plan', 'census'), split_fractions=split_fractions,
                      min_theta_over_psf=nonneg),
     'cache': dict(threads=positive_int),
     'inject': dict(max_fail_frac=fraction, tasks_per_file=positive_int, gallery_per_bin=nonneg_int, bench_tasks=nonneg_int),
