@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from .core import write_parquet, with_metadata, task_seed, task_rng, seed_to_int64, provenance, write_json, is_local, local_path, uri_join
-from .guard import (ArgumentParser, check_config, claim_output, fingerprint, fraction, nonneg, one_of, positive_int,
+from .guard import (ArgumentParser, check_config, claim_output, fingerprint, fraction, nonneg, nonneg_int, one_of, positive_int,
                        power_of_two, proper_fraction, split_fractions, Check)
 from .lensing import Lens, shear_from_polar, sample_source_position
 from .sources import tractor_shape_to_q_phi, ellipticity_to_q, draw_source_colours
@@ -164,6 +164,8 @@ class ManifestConfig:
     tasks_per_host:int = 1                  # injected tasks per host (replicates)
     control_frac:float = 0.5                # fraction of tasks that are controls
     unpaired_frac:float = 0.5               # fraction of controls on another, matched host
+    eval_controls:str = 'plan'              # val/test controls: plan (as train) | census (each host's own cutout once: distinct negatives)
+    eval_tasks_per_host:int = 0             # injected tasks per val/test host (0: tasks_per_host)
     nside:int = 64                          # HEALPix nside of the sky regions
     split_fractions:tuple = (0.7, 0.15, 0.15)  # train, val, test (by hosts)
     splits_uri:str = ''                     # an existing split table to keep (default: out_uri/splits.parquet if present)
@@ -176,6 +178,7 @@ class ManifestConfig:
 
     def __post_init__(self):
         check_config(self, tasks_per_host=positive_int, control_frac=proper_fraction, unpaired_frac=fraction, nside=power_of_two,
+                     eval_controls=one_of('plan', 'census'), eval_tasks_per_host=nonneg_int,
                      split_fractions=split_fractions, min_theta_over_psf=nonneg, partitions=positive_int)
 
 # %% ../nbs/21_manifest.ipynb
@@ -218,13 +221,17 @@ def _load_known_splits(spark, cfg:ManifestConfig)->dict:
 def _skeleton(hosts, cfg:ManifestConfig):
     "Task skeleton rows: positives and their controls (unpaired ones point to a cell index)."
     exp, salt, n_per, cf, uf = cfg.experiment_id, cfg.experiment_id, cfg.tasks_per_host, cfg.control_frac, cfg.unpaired_frac
+    census, n_eval = cfg.eval_controls == 'census', cfg.eval_tasks_per_host or cfg.tasks_per_host
     def plan(batches):
         for pdf in batches:
             rows = []
             for h, sp, cell, size, idx in zip(pdf['host_id'], pdf['region_split'], pdf['cell'], pdf['cell_size'], pdf['cell_idx']):
-                for k in range(n_per):
+                for k in range(n_per if sp == 'train' else n_eval):
                     tid = f'{exp}-{h}-{k}'
                     rows.append((tid, tid, 0, 'none', h, sp, cell, -1, k))
+                    if census and sp != 'train':   # the host's own cutout, once, beside its first positive
+                        if k == 0: rows.append((f'{tid}-c0', tid, 1, 'paired', h, sp, cell, -1, k))
+                        continue
                     for cid, kind, j in control_plan(tid, salt, cf, uf, int(size), int(idx)):
                         rows.append((cid, tid, 1, kind, None if kind == 'unpaired' else h, sp, cell, j, k))
             yield pd.DataFrame(rows, columns=['task_id', 'partner_task_id', 'is_control', 'control_kind', 'host_id',
@@ -357,6 +364,9 @@ def main(argv:list|None=None)->int:
     ap.add_argument('--tasks-per-host', type=positive_int, default=1, help='injected tasks (replicates) per host (default 1)')
     ap.add_argument('--control-frac', type=proper_fraction, default=0.5, help='fraction of all tasks that are controls, in [0, 1) (default 0.5)')
     ap.add_argument('--unpaired-frac', type=fraction, default=0.5, help='fraction of controls placed on another, matched host (default 0.5)')
+    ap.add_argument('--eval-controls', default='plan', choices=['plan', 'census'],
+                    help="val/test controls: plan (as train) or census (each host's own cutout once, paired; default plan)")
+    ap.add_argument('--eval-tasks-per-host', type=nonneg_int, default=0, help='injected tasks per val/test host (default 0: --tasks-per-host)')
     ap.add_argument('--nside', type=power_of_two, default=64, help='HEALPix nside of the split regions, a power of two (default 64)')
     ap.add_argument('--split-fractions', type=fraction, nargs=3, default=(0.7, 0.15, 0.15), metavar=('TRAIN', 'VAL', 'TEST'),
                     help='host fractions of train, val and test, summing to 1 (default 0.7 0.15 0.15)')
@@ -369,7 +379,8 @@ def main(argv:list|None=None)->int:
     a = ap.check(ap.parse_args(argv), split_fractions=split_fractions)
     kinds = parse_source_kinds(a.source_kinds)
     cfg = ManifestConfig(parent_uri=a.parent, out_uri=a.out, experiment_id=a.experiment, tasks_per_host=a.tasks_per_host,
-                         control_frac=a.control_frac, unpaired_frac=a.unpaired_frac, nside=a.nside,
+                         control_frac=a.control_frac, unpaired_frac=a.unpaired_frac, eval_controls=a.eval_controls,
+                         eval_tasks_per_host=a.eval_tasks_per_host, nside=a.nside,
                          split_fractions=tuple(a.split_fractions), min_theta_over_psf=a.min_theta_over_psf,
                          extra_negatives_uri=a.extra_negatives, draw=DrawConfig(grid=a.grid, lens_shape=a.lens_shape, source_kinds=kinds))
     if 'template' in kinds:   # only once every argument is known to be good

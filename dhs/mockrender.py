@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.interpolate import RegularGridInterpolator
 from .survey import PIXSCALE_ARCSEC, BANDS, MASKBITS, nearest_pixel
-from .sources import sersic_sb, elliptical_radius
+from .sources import sersic_sb, sersic_sb_at_radius, elliptical_radius, _check_shape
 from .psf import (gaussian_kernel, convolve, convolve_moments, subpixel_moments, shifted_kernel, pixelise_psf, moffat_wing_sb,
                      psfnorm, fwhm_of_image)
 from .survey import depth5_ivar
@@ -24,12 +24,12 @@ from .render import add_shot_noise
 # %% auto 0
 __all__ = ['EXTINCTION_COEFFS', 'FIBER_RADIUS_ARCSEC', 'FIBER_SEEING_ARCSEC', 'GALDEPTH_REFF_ARCSEC', 'SATURATION_NMGY', 'PIX',
            'PSF_SIZE', 'FAINT_PSF_HALF', 'FAINT_NMGY', 'SPIRAL_COLOURS', 'arc_sb', 'arc_outer_radius',
-           'spiral_modulation', 'sersic_truncation', 'component_sb', 'pixelise_moments', 'pixelise', 'fiber_kernel',
-           'add_clipped', 'cutout_window', 'render_point_source', 'BandPSF', 'exposure_psf', 'galnorm', 'brick_psfs',
-           'component_extent', 'aperture_weights', 'aperture_sum', 'fiber_fraction', 'dev_fiber_fraction',
-           'spiral_colour_weights', 'object_components', 'ObjectStamp', 'render_object', 'at_pixel', 'transmission',
-           'render_model', 'bright_star_radius_arcsec', 'draw_bad_regions', 'make_images', 'render_lensed_source',
-           'add_lensed_sources']
+           'spiral_modulation', 'sersic_truncation', 'component_sb', 'component_moments', 'pixelise_moments',
+           'convolve_components', 'pixelise', 'fiber_kernel', 'add_clipped', 'cutout_window', 'render_point_source',
+           'BandPSF', 'exposure_psf', 'galnorm', 'brick_psfs', 'component_extent', 'aperture_weights', 'aperture_sum',
+           'fiber_fraction', 'dev_fiber_fraction', 'spiral_colour_weights', 'object_components', 'ObjectStamp',
+           'render_object', 'at_pixel', 'transmission', 'render_model', 'bright_star_radius_arcsec', 'draw_bad_regions',
+           'make_images', 'render_lensed_source', 'add_lensed_sources']
 
 # %% ../nbs/06_mockrender.ipynb
 EXTINCTION_COEFFS = dict(G=3.214, R=2.165, I=1.592, Z=1.211, W1=0.184, W2=0.113, W3=0.0241, W4=0.00910)  # A_b / E(B-V)
@@ -87,8 +87,9 @@ def sersic_truncation(n:float)->float:
 def component_sb(kind:str, p:dict, x, y)->np.ndarray:
     "Unnormalised surface brightness of one component at positions (x, y) [arcsec] relative to the object's centre."
     if kind == 'sersic':
-        inside = elliptical_radius(x, y, p['q'], p['phi']) <= sersic_truncation(p['n']) * p['r_eff']
-        return np.where(inside, sersic_sb(x, y, 1.0, p['r_eff'], p['n'], p['q'], p['phi']), 0.0)
+        _check_shape(p['r_eff'], p['n'], p['q'])
+        r = elliptical_radius(x, y, p['q'], p['phi'])   # once, for the profile and its truncation
+        return np.where(r <= sersic_truncation(p['n']) * p['r_eff'], sersic_sb_at_radius(r, 1.0, p['r_eff'], p['n']), 0.0)
     if kind == 'arms': return sersic_sb(x, y, 1.0, p['r_eff'], 1.0, p['q'], p['phi']) * spiral_modulation(x, y, p['q'], p['phi'], p['pitch'], p['phase'])
     if kind == 'arc': return arc_sb(x, y, p['radius'], p['width'], p['angle'], p['extent'], p['pitch'], p['q'], p['phi'])
     raise ValueError(f'unknown component kind {kind!r}; expected sersic, arms or arc')
@@ -99,20 +100,28 @@ def _subpixel_grid(half:int, ss:int, dx:float, dy:float):
     u = (np.arange((2 * half + 1) * ss) + 0.5) / ss - 0.5 - half  # sub-pixel centres [pixels from the centre pixel]
     return np.meshgrid((u - dx) * PIX, (u - dy) * PIX)
 
-def pixelise_moments(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
-    "Pixel light moments (nb, n_moments, 2 half + 1, 2 half + 1) [nmgy x pixel^(p+q)] of components, each normalised to its fluxes, from ss x ss sub-samples."
+def component_moments(components:list, dx:float, dy:float, half:int, ss:int=5)->tuple[np.ndarray, np.ndarray]:
+    "(moments (C, n_moments, 2 half + 1, 2 half + 1) [pixel^(p+q)] of each component with unit flux, fluxes (C, nb) [nmgy]), from ss x ss sub-samples."
     n = 2 * half + 1
     X, Y = _subpixel_grid(half, ss, dx, dy)
     u = (np.arange(ss) + 0.5) / ss - 0.5
     U, V = np.meshgrid(u, u)
-    out = None
+    moms, fluxes = [], []
     for kind, p, flux in components:
         s = component_sb(kind, p, X, Y).reshape(n, ss, n, ss)
         if not s.sum() > 0: raise ValueError(f'component {kind} {p} has no light on its {n}x{n} stamp')
         m = subpixel_moments(np.moveaxis(s, 2, 1).reshape(n, n, ss * ss), U.ravel(), V.ravel()) * ss * ss / s.sum()   # (n, n, n_moments), sum of M00 = 1
-        term = np.asarray(flux, float)[:, None, None, None] * np.moveaxis(m, -1, 0)[None]
-        out = term if out is None else out + term
-    return out
+        moms.append(np.moveaxis(m, -1, 0)); fluxes.append(np.asarray(flux, float))
+    return np.stack(moms), np.stack(fluxes)
+
+def pixelise_moments(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
+    "Pixel light moments (nb, n_moments, 2 half + 1, 2 half + 1) [nmgy x pixel^(p+q)] of components, each normalised to its fluxes, from ss x ss sub-samples."
+    m, f = component_moments(components, dx, dy, half, ss)
+    return np.einsum('cb,cjyx->bjyx', f, m)
+
+def convolve_components(moments:np.ndarray, fluxes:np.ndarray, kernels:np.ndarray)->np.ndarray:
+    "Image (nb, N, N) [nmgy/pixel] of unit-flux component moments (C, n_moments, N, N) with fluxes (C, nb) through one kernel per band (nb, k, k): one FFT set per component, not per band."
+    return np.einsum('cb,cbyx->byx', fluxes, convolve_moments(moments[:, None], np.asarray(kernels)[None]))
 
 def pixelise(components:list, dx:float, dy:float, half:int, ss:int=5)->np.ndarray:
     "Unconvolved pixel-integrated stamp (nb, 2 half + 1, 2 half + 1) [nmgy/pixel] of components, each normalised to its fluxes."
@@ -314,9 +323,9 @@ def render_object(row, flux, psfs:dict, with_fiber:bool)->ObjectStamp:
     else:
         comps = object_components(row, flux)
         half = int(np.clip(np.ceil(max(component_extent(kd, pr) for kd, pr, _ in comps) / PIX) + k + 1, 4, 200))
-        mom = pixelise_moments(comps, dx, dy, half, _ss_for(row.r_eff if row.r_eff > 0 else row.feat_width))
-        psf = convolve_moments(mom, np.stack(kernels))                       # (3, n, n): one kernel per band
-        fib = convolve(mom[2, 0], fiber_kernel()) if with_fiber else None
+        m, f = component_moments(comps, dx, dy, half, _ss_for(row.r_eff if row.r_eff > 0 else row.feat_width))
+        psf = convolve_components(m, f, np.stack(kernels))                   # (3, n, n): one kernel per band
+        fib = convolve(np.einsum('c,cyx->yx', f[:, 2], m[:, 0]), fiber_kernel()) if with_fiber else None
     own = aperture_sum(fib, half, half, dx, dy) if with_fiber else 0.0
     return ObjectStamp(iy - half, ix - half, psf, flux, fib, own)
 

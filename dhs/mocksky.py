@@ -248,6 +248,8 @@ def generate_mock_sky(cfg:MockSkyConfig, log=print)->dict:
 MOCK_SIZES = {  # size -> MockSkyConfig overrides
     'tiny': dict(n_bricks=24, brick_pixels=192, n_lenses=3, lrg_per_arcmin2=8.0),
     'mock': dict(n_bricks=128, brick_pixels=512, n_lenses=5),
+    # ~105 LRG hosts per 1024-pixel brick: ~50k hosts on 480 bricks (2.3 deg^2); fewer field objects per host than `mock`
+    'large': dict(n_bricks=480, brick_pixels=1024, n_lenses=5, lrg_per_arcmin2=6.0, field_per_arcmin2=4.0, star_per_arcmin2=1.0),
 }
 
 def mock_sky_config(size:str='mock', **overrides)->MockSkyConfig:

@@ -135,7 +135,8 @@ def subpixel_moments(values, u, v, axis=-1):
     "Light moments sum(values u^p v^q) / len over the sub-samples along `axis`: (..., len(MOMENTS)) [values x pixel^(p+q)]."
     values = np.moveaxis(np.asarray(values, float), axis, -1)
     u, v, n = np.asarray(u, float), np.asarray(v, float), values.shape[-1]
-    return np.stack([(values * u**p * v**q).sum(-1) / n for p, q in MOMENTS], -1)
+    weights = np.stack([u**p * v**q for p, q in MOMENTS], -1) / n   # (n, n_moments): one matrix product for all moments
+    return values @ weights
 
 def uniform_moments(mean, grad_x=0.0, grad_y=0.0, cross=0.0):
     "Moments (..., len(MOMENTS)) of light S = mean + grad_x dx + grad_y dy + cross dx dy over a unit pixel."

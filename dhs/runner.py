@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import provenance, write_json, runs_dir
 from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, list_of, nonneg, nonneg_int, number, open_fraction,
-                       one_of, optional, positive, positive_int, power_of_two, proper_fraction)
+                       one_of, optional, positive, positive_int, power_of_two, proper_fraction, split_fractions)
 
 # %% auto 0
-__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES', 'HEADLINE_FPRS', 'Preset',
-           'parse_value', 'parse_sets', 'parameter_defaults', 'check_param', 'check_params', 'notebook_parameters',
-           'resolve', 'ensure_kernel', 'run_preset', 'spark_apps', 'top_level_names', 'Matrix', 'ablation_variants',
-           'substitute_baseline', 'effective_params', 'first_difference', 'link_shared', 'file_states', 'compare_runs',
-           'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix', 'main']
+__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'MOCK_LARGE', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES',
+           'HEADLINE_FPRS', 'Preset', 'parse_value', 'parse_sets', 'parameter_defaults', 'check_param', 'check_params',
+           'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps', 'top_level_names', 'Matrix',
+           'ablation_variants', 'substitute_baseline', 'effective_params', 'first_difference', 'link_shared',
+           'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix',
+           'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
@@ -45,11 +46,19 @@ class Preset:
 # %% ../nbs/03_runner.ipynb
 DR10_BASE_URI = 'https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10'
 
+MOCK_LARGE = {   # phase -> parameters of the mock-large preset (README, "The criterion at scale")
+    'manifest': {'grid': 'realistic', 'tasks_per_host': 3, 'eval_tasks_per_host': 1, 'eval_controls': 'census',
+                 'split_fractions': [0.2, 0.4, 0.4]},   # test-heavy: >= 20,000 distinct negatives in val and in test
+    'evaluate': {'headline_fpr': 1e-3},
+}
+
 PRESETS = {
     'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
                    {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}, {'train': {'population': 'all'}}),   # too few lens-like rows for a batch
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
                    {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}, 'evaluate': {'headline_fpr': 1e-2}}),
+    'mock-large': Preset('the seed\'s criterion measured: ~50k LRG hosts, each val/test host one distinct negative (census), CPU', PIPELINE,
+                         {'size': 'large', 'sky': 'mock', 'check_spark': True}, MOCK_LARGE),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
                        {'size': 'mock', 'sky': 'mock', 'check_spark': True, 'device': 'cuda', 'preset': 'gpu'}, needs_gpu=True),
     'dr10-region': Preset('a few deg^2 of real DR10 (network needed), GPU training', PIPELINE,
@@ -81,6 +90,7 @@ PARAM_CHECKS = {  # phase -> parameter -> range check, beyond the type of the pa
     'mocksky': dict(n_bricks=optional(positive_int), brick_pixels=optional(positive_int), n_lenses=optional(nonneg_int), workers=positive_int),
     'parent': dict(lens_radius_arcsec=nonneg),
     'manifest': dict(tasks_per_host=positive_int, control_frac=proper_fraction, unpaired_frac=fraction, nside=power_of_two,
+                     eval_controls=one_of('plan', 'census'), eval_tasks_per_host=nonneg_int, split_fractions=split_fractions,
                      min_theta_over_psf=nonneg),
     'cache': dict(threads=positive_int),
     'inject': dict(max_fail_frac=fraction, tasks_per_file=positive_int, gallery_per_bin=nonneg_int, bench_tasks=nonneg_int),

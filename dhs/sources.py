@@ -10,7 +10,8 @@ from scipy.special import gamma as gamma_fn, gammaincinv
 # %% auto 0
 __all__ = ['BANDS', 'SOURCE_COLOUR_BOXES', 'mag_to_nmgy', 'nmgy_to_mag', 'band_fluxes_from_mag', 'draw_source_colours',
            'ellipticity_to_q', 'q_to_ellipticity', 'tractor_shape_to_q_phi', 'q_phi_to_tractor_shape', 'sersic_bn',
-           'sersic_total_flux', 'elliptical_radius', 'sersic_sb', 'Source', 'SersicSource', 'ClumpySource']
+           'sersic_total_flux', 'elliptical_radius', 'sersic_sb', 'sersic_sb_at_radius', 'Source', 'SersicSource',
+           'ClumpySource']
 
 # %% ../nbs/11_sources.ipynb
 BANDS = ('g', 'r', 'z')
@@ -113,10 +114,11 @@ def sersic_sb(x, y,             # positions [arcsec]
              )->np.ndarray:
     "Elliptical Sérsic surface brightness [flux/arcsec^2] with total flux `flux`."
     _check_shape(r_eff, n, q)
-    bn = sersic_bn(n)
-    I_e = flux / sersic_total_flux(1.0, r_eff, n)
-    r = elliptical_radius(x, y, q, phi, x0, y0)
-    return I_e * np.exp(-bn * ((r / r_eff) ** (1.0 / n) - 1.0))
+    return sersic_sb_at_radius(elliptical_radius(x, y, q, phi, x0, y0), flux, r_eff, n)
+
+def sersic_sb_at_radius(r, flux:float, r_eff:float, n:float)->np.ndarray:
+    "Sérsic surface brightness [flux/arcsec^2] at elliptical radii `r` [arcsec] (`elliptical_radius`), total flux `flux`."
+    return flux / sersic_total_flux(1.0, r_eff, n) * np.exp(-sersic_bn(n) * ((np.asarray(r, float) / r_eff) ** (1.0 / n) - 1.0))
 
 # %% ../nbs/11_sources.ipynb
 def _grid(half:float, step:float):

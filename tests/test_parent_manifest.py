@@ -197,3 +197,21 @@ def test_parent_on_the_mock_sky_keeps_lrgs_and_flags_lenscat_hosts(spark, tiny_s
     assert len(flagged) > 0 and flagged['near_known_lens'].all()
     assert (flagged['known_lens_name'] == flagged['lenscat_name']).all()
     assert s['n_near_known_lens'] >= len(flagged)
+
+
+def test_census_gives_each_eval_host_its_own_cutout_once(spark, manifest_out, tmp_path):
+    "eval_controls='census': every val/test host is one paired negative (distinct cutouts) beside eval_tasks_per_host positives; train is unchanged."
+    import dataclasses
+    cfg, s, tasks, hosts = manifest_out
+    manifest.run_manifest(dataclasses.replace(cfg, out_uri=str(tmp_path/'mc'), eval_controls='census', eval_tasks_per_host=1, splits_uri=str(cfg.out_uri) + '/splits.parquet'), spark)
+    got = pd.read_parquet(tmp_path/'mc'/'tasks')
+    ev, ev0 = got[got.region_split != 'train'], tasks[tasks.region_split != 'train']
+    neg, pos = ev[ev.is_control == 1], ev[ev.is_control == 0]
+    assert set(neg.host_id) == set(ev0.host_id) and neg.host_id.is_unique            # each eval host exactly once
+    assert (neg.control_kind == 'paired').all() and len(pos) == len(neg)             # eval_tasks_per_host = 1 positive beside it
+    partner = neg.merge(pos[['task_id', 'host_id', 'theta_e_arcsec']], left_on='partner_task_id', right_on='task_id', suffixes=('', '_pos'))
+    assert len(partner) == len(neg) and (partner.host_id == partner.host_id_pos).all()
+    assert neg.theta_e_arcsec.notna().all() and (neg.lens_model == 'CONTROL').all()  # shadow parameters, drawn as for any control
+    assert ev0[ev0.is_control == 1].host_id.duplicated().any()                         # the planned controls repeat hosts: census differs
+    train = lambda t: t[t.region_split == 'train'].sort_values('task_id', ignore_index=True)
+    pd.testing.assert_frame_equal(train(got)[['task_id', 'host_id', 'control_kind']], train(tasks)[['task_id', 'host_id', 'control_kind']])

@@ -110,3 +110,16 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
         assert (paper/f).exists(), f
     macros = (paper/'macros.tex').read_text()
     assert f"\\newcommand{{\\dhsNneg}}{{{s['n_test']['neg']}}}" in macros and '$$' not in (paper/'tables'/'tpr_at_fpr.tex').read_text()
+
+
+def test_mock_large_plan_resolves_with_checked_parameters(capsys):
+    "The mock-large preset: its plan resolves, every parameter passes its notebook's checks, and its sky size exists."
+    from dhs.cli import main
+    from dhs.mocksky import mock_sky_config
+    assert main(['run', '--preset', 'mock-large', '--dry-run']) == 0
+    plan = {p['phase']: p['params'] for p in json.loads(capsys.readouterr().out)}
+    assert plan['mocksky']['size'] == 'large' and mock_sky_config('large').brick_pixels == 1024
+    assert plan['manifest']['eval_controls'] == 'census' and abs(sum(plan['manifest']['split_fractions']) - 1) < 1e-9
+    assert plan['evaluate']['headline_fpr'] == 1e-3
+    bad = runner.MOCK_LARGE['manifest'] | {'split_fractions': [0.2, 0.4, 0.5]}
+    with pytest.raises(ValueError, match='summing to 1'): runner.check_param('manifest', 'split_fractions', bad['split_fractions'], [0.7, 0.15, 0.15])
