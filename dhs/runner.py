@@ -425,7 +425,8 @@ def _spread_text(sp:dict)->str:
 def _criterion_cell(r)->str:
     "The criterion of one comparison row as Markdown text: TPR [CP] (k/n); FPR (k/n); verdict."
     if not isinstance(r.get('criterion_verdict'), str): return ''
-    return (f"{r['criterion_tpr']:.3f} [{r['criterion_tpr_lo']:.3f}, {r['criterion_tpr_hi']:.3f}] ({int(r['criterion_n_tp'])}/{int(r['criterion_n_pos'])}); "
+    f3 = lambda x: '--' if x is None or x != x else f'{x:.3f}'          # no resolved test lens: no TPR
+    return (f"{f3(r['criterion_tpr'])} [{f3(r['criterion_tpr_lo'])}, {f3(r['criterion_tpr_hi'])}] ({int(r['criterion_n_tp'])}/{int(r['criterion_n_pos'])}); "
             f"FPR {r['criterion_fpr']:.1e} ({int(r['criterion_n_fp'])}/{int(r['criterion_n_neg'])}); {r['criterion_verdict']}")
 
 def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='baseline')->str:
