@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import provenance, write_json
-from .guard import ArgumentParser, Check, integer, nonneg, open_fraction, positive_int
+from .guard import ArgumentParser, Check, fraction, integer, nonneg, open_fraction, positive_int
 from . import metrics as M, selection as S, gates as G, plots as P, toys
 
 # %% auto 0
-__all__ = ['SUMMARY_COLUMNS', 'INTERVAL_KINDS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats', 'load_scores',
-           'population', 'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces', 'score_distributions',
-           'calibration', 'run_checkpoints', 'resolved_scorer', 'stamp_gates', 'toy_gates', 'tpr_records', 'gates_for',
-           'run_evaluate', 'main']
+__all__ = ['SUMMARY_COLUMNS', 'INTERVAL_KINDS', 'CRITERION_COLUMNS', 'FPR_LIST', 'DMAG_RANGE', 'EvaluateConfig', 'parse_floats',
+           'load_scores', 'population', 'target_fprs', 'tpr_tables', 'headline_row', 'stratified', 'surfaces',
+           'score_distributions', 'calibration', 'run_checkpoints', 'resolved_scorer', 'stamp_gates', 'toy_gates',
+           'tpr_records', 'gates_for', 'criterion_fprs', 'criterion', 'run_evaluate', 'main']
 
 # %% ../nbs/48_evaluate.ipynb
 @dataclass
@@ -34,6 +34,9 @@ class EvaluateConfig:
     dmag:tuple|None = None              # (lo, hi) src_dmag range kept, both classes; None: all
     source_kind:str = ''                # sersic | clumpy | template; '' : all
     min_theta_over_psf:float = 0.0      # theta_E / psfsize_r cut, both classes
+    criterion_fpr:float = 1e-3          # target FPR of the success criterion (its verdict; the rows of dhs.metrics.CRITERION_FPRS are measured too)
+    criterion_tpr:float = 0.80          # TPR on resolved lenses the criterion asks for
+    criterion_min_theta_over_psf:float = 1.0  # resolved for the criterion: theta_E / psfsize_r >= this (its positives only)
     cl:float = 0.95                     # confidence level of every interval
     n_boot:int = 200                    # bootstrap draws (thresholds re-fitted per draw)
     prevalence:float = 1e-3             # lens prevalence among LRGs, for purity and FP per 1M LRGs
@@ -186,11 +189,13 @@ INTERVAL_KINDS = {'cp': 'Clopper-Pearson: exact binomial, rows taken as independ
                   'host_boot': "percentile bootstrap over host clusters (a host's injections and paired controls resampled together), thresholds fixed",
                   'boot': 'percentile bootstrap with the thresholds re-fitted on validation per draw (host clusters resampled when the table has host ids)'}
 
-def tpr_records(table:pd.DataFrame)->list:
-    "summary.json's `tpr_at_fpr`: the SUMMARY_COLUMNS of each operating point and its TPR, FPR intervals as [lo, hi] per kind (INTERVAL_KINDS)."
+_KIND_SUFFIX = {'cp': '', 'host_boot': '_host', 'boot': '_boot'}   # interval kind -> the infix of its _lo, _hi columns
+
+def tpr_records(table:pd.DataFrame, columns:list=SUMMARY_COLUMNS, kinds=tuple(INTERVAL_KINDS))->list:
+    "summary.json's operating points (`tpr_at_fpr`): `columns` of each row and its TPR, FPR intervals as [lo, hi] per kind of `kinds` (INTERVAL_KINDS)."
     rows = json.loads(table.to_json(orient='records'))      # NaN -> null; a column the table lacks (no host ids) -> null
-    return [{**{c: r.get(c) for c in SUMMARY_COLUMNS}, **{f'{q}_{k}': [r.get(f'{q}{s}_lo'), r.get(f'{q}{s}_hi')] for q in ('tpr', 'fpr')
-                                                          for k, s in (('cp', ''), ('host_boot', '_host'), ('boot', '_boot'))}} for r in rows]
+    return [{**{c: r.get(c) for c in columns}, **{f'{q}_{k}': [r.get(f'{q}{_KIND_SUFFIX[k]}_lo'), r.get(f'{q}{_KIND_SUFFIX[k]}_hi')]
+                                                  for q in ('tpr', 'fpr') for k in kinds}} for r in rows]
 
 def _stamp_path(cfg:EvaluateConfig)->Path:
     run_dir = Path(cfg.run_dir)
@@ -206,19 +211,41 @@ def gates_for(cfg:EvaluateConfig, score_path:Path, synthetic:bool, log=print, h=
     return toy_gates(cfg), 'toy', ck
 
 # %% ../nbs/48_evaluate.ipynb
+CRITERION_COLUMNS = ['target_fpr', 'threshold', 'n_neg_val', 'fpr_val', 'n_neg', 'n_fp', 'fpr', 'fpr_lo', 'fpr_hi', 'fpr_host_lo', 'fpr_host_hi',
+                     'n_pos', 'n_tp', 'tpr', 'tpr_lo', 'tpr_hi', 'tpr_host_lo', 'tpr_host_hi', 'n_host_pos', 'n_host_neg', 'n_boot_host',
+                     'measurable', 'verdict']
+
+def criterion_fprs(cfg:EvaluateConfig)->list:
+    "The criterion's target FPRs: dhs.metrics.CRITERION_FPRS and criterion_fpr, largest first."
+    return sorted({float(f) for f in M.CRITERION_FPRS} | {float(cfg.criterion_fpr)}, reverse=True)
+
+def criterion(df:pd.DataFrame, pop:M.Population, pop_text:str, cfg:EvaluateConfig, out:Path)->tuple[dict, str]:
+    "(summary.json's `criterion` block, `criterion_headline`): the success criterion per target FPR, written to tables/criterion.{csv,tex}."
+    t = M.criterion_rows(df, pop, criterion_fprs(cfg), cfg.criterion_tpr, cfg.criterion_min_theta_over_psf, cfg.cl, population_text=pop_text, seed=cfg.seed)
+    t.to_csv(out/'tables'/'criterion.csv', index=False)
+    (out/'tables'/'criterion.tex').write_text(S.criterion_table_latex(t))
+    h, sp = t[np.isclose(t.target_fpr, cfg.criterion_fpr)].iloc[0], cfg.split or 'test'
+    block = dict(target_fpr=float(cfg.criterion_fpr), target_tpr=float(cfg.criterion_tpr), min_theta_over_psf=float(cfg.criterion_min_theta_over_psf),
+                 verdict=str(h.verdict), rule=M.CRITERION_RULE, thresholds_from='every val negative of the population',
+                 negatives=f'every {sp} negative of the population', n_pos_all=int(h.n_pos_all),
+                 positives=f'{sp} injections of the population with theta_E/psfsize_r >= {cfg.criterion_min_theta_over_psf:g} (dhs.stamps.theta_over_psf)',
+                 population=pop_text, host_clusters=t.attrs['host_clusters'], rows=tpr_records(t, CRITERION_COLUMNS, ('cp', 'host_boot')))
+    return block, M.criterion_headline(h)
+
+# %% ../nbs/48_evaluate.ipynb
 def _flux_excess(report)->dict:
     "Completeness of unresolved (theta_E/psfsize_r < 0.5) beside resolved (>= 1) lenses at the gates' operating threshold, with CP intervals."
     r = next((r for r in report.results if r.name == 'flux_excess_ratio'), None)
     return dict(r.detail or {}) if r is not None else {}
 
-def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)->dict:
+def _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params, crit:tuple)->dict:
     "The JSON record of an evaluation."
     yv, yt, m0 = t['yv'], t['yt'], t['measured'].iloc[0]
     hosts = {c: int(m0[f'n_host_{c}']) if f'n_host_{c}' in m0 else None for c in ('pos', 'neg')}
     return dict(population=pop_text, synthetic_scores=synthetic, gate_stamps=gate_source, cl=cfg.cl, prevalence=cfg.prevalence,
                 n_val=dict(pos=int(yv.sum()), neg=int(len(yv) - yv.sum())), n_test=dict(pos=int(yt.sum()), neg=int(len(yt) - yt.sum())),
                 n_test_hosts=hosts, host_clusters=t['measured'].attrs.get('host_clusters', ''), interval_kinds=INTERVAL_KINDS,
-                headline=M.headline(h), tpr_at_fpr=tpr_records(t['table']), **t['auc'],
+                headline=M.headline(h), criterion_headline=crit[1], criterion=crit[0], tpr_at_fpr=tpr_records(t['table']), **t['auc'],
                 calibration=calib, gates=dict(passed=report.passed, not_run=report.not_run,
                                               values={r.name: dict(value=r.value, threshold=r.threshold, passed=r.passed) for r in report.results},
                                               flux_excess=_flux_excess(report)),
@@ -233,7 +260,7 @@ def run_evaluate(cfg:EvaluateConfig, log=print)->dict:
     pop, pop_text = population(cfg, synthetic)
     log(f'{score_path}: {len(df)} rows; population: {pop_text}')
     t = tpr_tables(df, pop, pop_text, cfg, out)
-    h = headline_row(t['measured'], cfg)
+    h, crit = headline_row(t['measured'], cfg), criterion(df, pop, pop_text, cfg, out)
     strat = stratified(t['test'], h, pop_text, cfg, out)
     for line in strat.attrs['skipped']: log(f'skipped: {line}')
     surfaces(t['test'], h, pop_text, cfg, out, score_path, log)
@@ -242,7 +269,7 @@ def run_evaluate(cfg:EvaluateConfig, log=print)->dict:
     report, gate_source, ck = gates_for(cfg, score_path, synthetic, log, h)
     report.write(out, 'gates')
     params = dict(asdict(cfg), scores=str(score_path), stamps=str(_stamp_path(cfg)), checkpoint=ck, scorer=resolved_scorer(cfg, ck) if cfg.score_gates else '', truth=str(truth_path) if truth_path.exists() else '')
-    summary = _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params)
+    summary = _summary(cfg, pop_text, synthetic, gate_source, t, h, calib, report, out, params, crit)
     write_json(summary, out/'summary.json')
     return summary
 
@@ -263,6 +290,9 @@ def _parser()->ArgumentParser:
     ap.add_argument('--min-theta-over-psf', type=nonneg, default=0.0, help='keep rows with theta_E/psfsize_r at least this (both classes)')
     ap.add_argument('--source-kind', default='', choices=['', 'sersic', 'clumpy', 'template'], help='keep one source kind (default: all)')
     ap.add_argument('--dmag', type=DMAG_RANGE, default=(), metavar='LO,HI', help='keep src_dmag in [LO, HI] (both classes)')
+    ap.add_argument('--criterion-fpr', type=open_fraction, default=1e-3, help='target FPR of the success criterion, whose verdict is the headline (1e-2, 1e-3, 1e-4 are measured too)')
+    ap.add_argument('--criterion-tpr', type=fraction, default=0.80, help='TPR on resolved lenses the criterion asks for: PASS iff measurable, measured FPR <= target and TPR >= this')
+    ap.add_argument('--criterion-min-theta-over-psf', type=nonneg, default=1.0, help='a lens counts as resolved for the criterion when theta_E/psfsize_r is at least this (positives only)')
     ap.add_argument('--population', default='', help='text naming the population (default: built from the cuts)')
     ap.add_argument('--n-boot', type=positive_int, default=200, help='bootstrap draws')
     ap.add_argument('--cl', type=open_fraction, default=0.95, help='confidence level of every interval')
@@ -274,12 +304,13 @@ def _parser()->ArgumentParser:
     return ap
 
 def main(argv:list|None=None)->int:
-    "`dhs evaluate RUN_DIR`: phase 6 on a run folder; prints the headline and the gate verdict."
+    "`dhs evaluate RUN_DIR`: phase 6 on a run folder; prints the headline, the success criterion's verdict and the gate verdict."
     a = _parser().parse_args(argv)
     cfg = EvaluateConfig(run_dir=a.run_dir, scores=a.scores, stamps=a.stamps, cache=a.cache, split=a.split, fprs=tuple(a.fprs), headline_fpr=a.headline_fpr,
-                         min_theta_over_psf=a.min_theta_over_psf, source_kind=a.source_kind, dmag=tuple(a.dmag) or None,
+                         min_theta_over_psf=a.min_theta_over_psf, criterion_fpr=a.criterion_fpr, criterion_tpr=a.criterion_tpr,
+                         criterion_min_theta_over_psf=a.criterion_min_theta_over_psf, source_kind=a.source_kind, dmag=tuple(a.dmag) or None,
                          population=a.population, n_boot=a.n_boot, cl=a.cl, scorer=a.scorer, checkpoint=a.checkpoint,
                          score_gates=not a.no_score_gates, truth=a.truth, seed=a.seed)
     s = run_evaluate(cfg)
-    print(s['headline']); print(f"gates passed: {s['gates']['passed']}; outputs in {Path(a.run_dir)/'evaluation'}")
+    print(s['headline']); print(s['criterion_headline']); print(f"gates passed: {s['gates']['passed']}; outputs in {Path(a.run_dir)/'evaluation'}")
     return 0

@@ -13,11 +13,13 @@ from sklearn.metrics import roc_curve, roc_auc_score
 from .stamps import theta_over_psf
 
 # %% auto 0
-__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'N_BOOT', 'HOST_KEYS', 'Population', 'psf_fwhm_r', 'clopper_pearson',
+__all__ = ['DEFAULT_FPRS', 'DEFAULT_CL', 'MIN_EXPECTED_FP', 'N_BOOT', 'HOST_KEYS', 'CRITERION_FPRS', 'CRITERION_TPR',
+           'RESOLVED_THETA_OVER_PSF', 'CRITERION_RULE', 'Population', 'psf_fwhm_r', 'clopper_pearson',
            'labels_from_meta', 'roc_table', 'host_clusters', 'optional_host_clusters', 'host_bootstrap_interval',
            'binned_host_interval', 'host_bootstrap_rates', 'fit_thresholds', 'apply_thresholds', 'tpr_at_fpr',
            'bootstrap_tpr_at_fpr', 'auroc', 'rates_at_prevalence', 'reliability', 'ece', 'logit', 'sigmoid',
-           'fit_temperature', 'apply_temperature', 'headline', 'evaluate_split']
+           'fit_temperature', 'apply_temperature', 'headline', 'split_rows', 'evaluate_split', 'criterion_verdict',
+           'criterion_rows', 'criterion_headline']
 
 # %% ../nbs/40_metrics.ipynb
 DEFAULT_FPRS = (1e-2, 1e-3, 1e-4, 1e-5)  # the FPRs of the seed's tables
@@ -296,19 +298,70 @@ def headline(row, population:str='')->str:
             f"{row['threshold']:.6g} from {row['n_neg_val']} validation negatives), {row['cl']:.0%} CP intervals{host}; {pop}{flag}")
 
 # %% ../nbs/40_metrics.ipynb
-def evaluate_split(df:pd.DataFrame, population:Population|None=None, fprs=DEFAULT_FPRS, cl:float=DEFAULT_CL,
-                   score_col:str='score', population_text:str='', cluster_by:str='host', n_boot:int=N_BOOT,
-                   seed:int=0)->tuple[pd.DataFrame, pd.DataFrame]:
-    "Fit thresholds on the population's val rows, measure on its test rows (CP and, with `cluster_by` columns, host-bootstrap intervals)."
-    pop = population or Population()
+def split_rows(df:pd.DataFrame, pop:Population)->tuple[pd.DataFrame, pd.DataFrame]:
+    "(val rows, measured rows) of a population: its cuts on the val split and on `pop.split` ('' : test), each checked to hold both classes."
     rows = {sp: df[Population(**{**asdict(pop), 'split': sp}).select(df)] for sp in ('val', pop.split or 'test')}
     for sp, d in rows.items():
         if d.empty or d['is_control'].nunique() < 2:
             raise ValueError(f'{sp} split of population [{pop.describe()}] has {len(d)} row(s) and not both classes; '
                              'check region_split / is_control in the score table or widen the population')
-    thr = fit_thresholds(rows['val'][score_col], labels_from_meta(rows['val']), fprs)
-    test = rows[pop.split or 'test']
+    return rows['val'], rows[pop.split or 'test']
+
+def evaluate_split(df:pd.DataFrame, population:Population|None=None, fprs=DEFAULT_FPRS, cl:float=DEFAULT_CL,
+                   score_col:str='score', population_text:str='', cluster_by:str='host', n_boot:int=N_BOOT,
+                   seed:int=0)->tuple[pd.DataFrame, pd.DataFrame]:
+    "Fit thresholds on the population's val rows, measure on its test rows (CP and, with `cluster_by` columns, host-bootstrap intervals)."
+    pop = population or Population()
+    val, test = split_rows(df, pop)
+    thr = fit_thresholds(val[score_col], labels_from_meta(val), fprs)
     clusters, note = optional_host_clusters(test, cluster_by)
     out = apply_thresholds(test[score_col], labels_from_meta(test), thr, population_text or pop.describe(), cl, clusters=clusters, n_boot=n_boot, seed=seed)
     out.attrs['host_clusters'] = note
     return out, thr
+
+# %% ../nbs/40_metrics.ipynb
+CRITERION_FPRS = (1e-2, 1e-3, 1e-4)     # target FPRs of the criterion rows; the seed's criterion is the 1e-3 one
+CRITERION_TPR = 0.80                    # completeness on resolved lenses the criterion asks for
+RESOLVED_THETA_OVER_PSF = 1.0           # a lens is resolved when theta_E / psfsize_r >= this
+CRITERION_RULE = (f'UNMEASURABLE when N_neg x FPR < {MIN_EXPECTED_FP} (validation or test negatives) or no resolved test lens; '
+                  'else PASS iff measured test FPR <= target FPR and test TPR on resolved lenses >= target TPR '
+                  '(point estimates judged; CP and host-bootstrap intervals reported beside); else FAIL')
+
+def criterion_verdict(measured:pd.DataFrame, target_tpr:float=CRITERION_TPR)->np.ndarray:
+    "Per row of measured rates: UNMEASURABLE (not `measurable`, or n_pos = 0), else PASS iff fpr <= target_fpr and tpr >= target_tpr, else FAIL."
+    m = measured
+    ok = (m['fpr'] <= m['target_fpr']) & (m['tpr'] >= target_tpr)
+    return np.where(~m['measurable'].astype(bool) | (m['n_pos'] == 0), 'UNMEASURABLE', np.where(ok, 'PASS', 'FAIL'))
+
+# %% ../nbs/40_metrics.ipynb
+def criterion_rows(df:pd.DataFrame, population:Population|None=None, fprs=CRITERION_FPRS, target_tpr:float=CRITERION_TPR,
+                   min_theta_over_psf:float=RESOLVED_THETA_OVER_PSF, cl:float=DEFAULT_CL, score_col:str='score',
+                   population_text:str='', cluster_by:str='host', n_boot:int=N_BOOT, seed:int=0)->pd.DataFrame:
+    "The success criterion per target FPR: threshold from all val negatives, FPR on all test negatives, TPR on resolved test lenses, verdict."
+    pop = population or Population()
+    val, test = split_rows(df, pop)
+    thr, y = fit_thresholds(val[score_col], labels_from_meta(val), fprs), labels_from_meta(test)
+    resolved = (y == 1) & (theta_over_psf(test) >= min_theta_over_psf).fillna(False).to_numpy()
+    sub = test[(y == 0) | resolved] if resolved.any() else test      # no resolved lens: the FPR alone, the TPR blanked below
+    clusters, note = optional_host_clusters(sub, cluster_by)
+    out = apply_thresholds(sub[score_col], labels_from_meta(sub), thr, population_text or pop.describe(), cl, clusters=clusters, n_boot=n_boot, seed=seed)
+    if not resolved.any():
+        out[[c for c in out if c.startswith('tpr')]] = np.nan
+        out[[c for c in ('n_pos', 'n_tp', 'n_host_pos') if c in out]] = 0
+    out['target_tpr'], out['min_theta_over_psf'], out['n_pos_all'] = float(target_tpr), float(min_theta_over_psf), int(y.sum())
+    out['verdict'] = criterion_verdict(out, target_tpr)
+    out.attrs['host_clusters'] = note
+    return out
+
+# %% ../nbs/40_metrics.ipynb
+def criterion_headline(row, population:str='')->str:
+    "A sentence stating the success criterion's verdict at one target FPR: FPR and resolved-lens TPR with counts, intervals and population."
+    pop = population or row.get('population', '') or 'population not stated'
+    why = (f" (N_neg x FPR = {min(row['n_neg_val'], row['n_neg']) * row['target_fpr']:.3g} < {MIN_EXPECTED_FP})" if not row['measurable'] else
+           ' (no resolved test lens)' if row['n_pos'] == 0 else '')
+    host = (f"; host bootstrap TPR [{row['tpr_host_lo']:.3f}, {row['tpr_host_hi']:.3f}]" if pd.notna(row.get('tpr_host_lo', np.nan)) else '')
+    return (f"Criterion FPR <= {row['target_fpr']:.0e} at TPR >= {row['target_tpr']:.2f} on resolved lenses (theta_E/psfsize_r >= "
+            f"{row['min_theta_over_psf']:g}): {row['verdict']}{why}. Measured FPR {row['fpr']:.2e} [{row['fpr_lo']:.2e}, {row['fpr_hi']:.2e}] "
+            f"({row['n_fp']}/{row['n_neg']} test negatives; threshold {row['threshold']:.6g} from {row['n_neg_val']} validation negatives), "
+            f"TPR {row['tpr']:.3f} [{row['tpr_lo']:.3f}, {row['tpr_hi']:.3f}] ({row['n_tp']}/{row['n_pos']} resolved test lenses), "
+            f"{row['cl']:.0%} CP intervals{host}; point estimates judged; {pop}")

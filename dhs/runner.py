@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_runner.ipynb 1
 from __future__ import annotations
-import ast, datetime, json, os, sys, time
+import ast, datetime, json, math, os, re, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import provenance, write_json, runs_dir
@@ -13,11 +13,11 @@ from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, li
 
 # %% auto 0
 __all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'MOCK_LARGE', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES',
-           'HEADLINE_FPRS', 'Preset', 'parse_value', 'parse_sets', 'parameter_defaults', 'check_param', 'check_params',
-           'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps', 'top_level_names', 'Matrix',
-           'ablation_variants', 'substitute_baseline', 'effective_params', 'first_difference', 'link_shared',
-           'file_states', 'compare_runs', 'comparison_markdown', 'comparison_latex', 'plan_variants', 'run_matrix',
-           'main']
+           'HEADLINE_FPRS', 'SEED_FACTOR', 'Preset', 'parse_value', 'parse_sets', 'parameter_defaults', 'check_param',
+           'check_params', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps',
+           'top_level_names', 'Matrix', 'ablation_variants', 'substitute_baseline', 'effective_params',
+           'first_difference', 'link_shared', 'file_states', 'compare_runs', 'seed_spread', 'comparison_markdown',
+           'comparison_latex', 'plan_variants', 'run_matrix', 'main']
 
 # %% ../nbs/03_runner.ipynb
 PHASES = {  # phase name -> run notebook in nbs/runs/
@@ -97,7 +97,8 @@ PARAM_CHECKS = {  # phase -> parameter -> range check, beyond the type of the pa
     'train': dict(n_synthetic=positive_int, epochs=nonneg_int, batch_size=nonneg_int, num_workers=nonneg_int, n_models=positive_int,
                   population=one_of('lens-like', 'all'), min_magnification=nonneg, min_tangential_stretch=nonneg, min_arc_snr=nonneg,
                   min_theta_over_psf=nonneg),
-    'evaluate': dict(headline_fpr=open_fraction, min_theta_over_psf=nonneg, cl=open_fraction, n_boot=positive_int,
+    'evaluate': dict(headline_fpr=open_fraction, min_theta_over_psf=nonneg, criterion_fpr=open_fraction, criterion_tpr=fraction,
+                     criterion_min_theta_over_psf=nonneg, cl=open_fraction, n_boot=positive_int,
                      prevalence=open_fraction, gate_max_stamps=positive_int),
     'hardneg': dict(n_top=positive_int, target_fprs=list_of(open_fraction), finetune_epochs=nonneg_int, finetune_lr_frac=positive),
     'search': dict(target_fprs=list_of(open_fraction), top_n=positive_int),
@@ -382,6 +383,14 @@ def file_states(paths:list)->dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths}
 
 # %% ../nbs/03_runner.ipynb
+def _criterion_columns(s:dict)->dict:
+    "The `criterion_*` columns of a summary.json: its success criterion at the target FPR; {} for an evaluation made before the block."
+    c = s.get('criterion')
+    if not c: return {}
+    r = next(r for r in c['rows'] if math.isclose(r['target_fpr'], c['target_fpr']))
+    return {**{f'criterion_{k}': c[k] for k in ('target_fpr', 'target_tpr', 'min_theta_over_psf', 'verdict')},
+            **{f'criterion_{k}': r[k] for k in ('tpr', 'tpr_lo', 'tpr_hi', 'n_tp', 'n_pos', 'fpr', 'n_fp', 'n_neg')}}
+
 def compare_runs(runs:dict)->pd.DataFrame:
     "One row per run (name -> run folder) of headline evaluation numbers; a run's matrix info comes from its run.json."
     import pandas as pd
@@ -391,7 +400,7 @@ def compare_runs(runs:dict)->pd.DataFrame:
         if not summary_path.exists(): raise FileNotFoundError(f'{summary_path}: run {name!r} has no evaluation; run its evaluate phase first')
         s, m = json.loads(summary_path.read_text()), rec.get('matrix', {})
         row = dict(run=name, factor=' '.join(m.get('sets', [])), first_phase=m.get('first_phase', ''),
-                   auroc=s.get('auroc'), pauc_1e_2=s.get('pauc_1e-2'))
+                   auroc=s.get('auroc'), pauc_1e_2=s.get('pauc_1e-2'), **_criterion_columns(s))
         for t in s.get('tpr_at_fpr', []):
             k = f"{t['target_fpr']:g}"
             row.update({f'tpr@{k}': t['tpr'], f'tpr_lo@{k}': t['tpr_lo'], f'tpr_hi@{k}': t['tpr_hi'], f'n_neg@{k}': t['n_neg'],
@@ -406,15 +415,38 @@ def compare_runs(runs:dict)->pd.DataFrame:
 
 # %% ../nbs/03_runner.ipynb
 HEADLINE_FPRS = (1e-2, 1e-3)   # TPR columns of the LaTeX and Markdown tables
+SEED_FACTOR = re.compile(r'train\.seed=\S+')   # the factor of a seed variant: the baseline retrained with another seed, nothing else
+
+def seed_spread(table:pd.DataFrame)->dict|None:
+    "Min, median, max of the criterion TPR over the baseline and its seed variants (factor `train.seed=N` alone); None without a seed variant."
+    if 'criterion_tpr' not in table: return None
+    seeds = [n for n, f in table['factor'].items() if n == 'baseline' or SEED_FACTOR.fullmatch(str(f))]
+    t = table.loc[seeds, 'criterion_tpr'].astype(float).dropna()
+    if len(set(t.index) - {'baseline'}) == 0: return None
+    return dict(runs=list(t.index), n=len(t), target_fpr=float(table.loc[t.index[0], 'criterion_target_fpr']),
+                tpr_min=float(t.min()), tpr_median=float(t.median()), tpr_max=float(t.max()),
+                verdicts=table.loc[t.index, 'criterion_verdict'].tolist())
+
+def _spread_text(sp:dict)->str:
+    return (f"Seed spread of the criterion TPR (resolved lenses, FPR {sp['target_fpr']:g}) over {sp['n']} runs ({', '.join(sp['runs'])}): "
+            f"min {sp['tpr_min']:.3f}, median {sp['tpr_median']:.3f}, max {sp['tpr_max']:.3f}; verdicts {', '.join(sp['verdicts'])}.")
+
+def _criterion_cell(r)->str:
+    "The criterion of one comparison row as Markdown text: TPR [CP] (k/n); FPR (k/n); verdict."
+    if not isinstance(r.get('criterion_verdict'), str): return ''
+    f3 = lambda x: '--' if x is None or x != x else f'{x:.3f}'          # no resolved test lens: no TPR
+    return (f"{f3(r['criterion_tpr'])} [{f3(r['criterion_tpr_lo'])}, {f3(r['criterion_tpr_hi'])}] ({int(r['criterion_n_tp'])}/{int(r['criterion_n_pos'])}); "
+            f"FPR {r['criterion_fpr']:.1e} ({int(r['criterion_n_fp'])}/{int(r['criterion_n_neg'])}); {r['criterion_verdict']}")
 
 def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='baseline')->str:
-    "A Markdown table of the headline columns (TPR with its interval), differences from `baseline` in parentheses."
+    "A Markdown table of the headline columns (the criterion, TPR with its interval), differences from `baseline` in parentheses; the seed spread under it."
     cols = ['auroc', 'pauc_1e_2', *[f'tpr@{f:g}' for f in fprs if f'tpr@{f:g}' in table], 'ece',
             *[g for g in ('gate:core_only_auc', 'gate:arc_suppressed_score') if g in table], 'gates_passed', 'seconds']
-    head = ['run', 'factor', 'from', *cols]
+    crit = 'criterion_tpr' in table
+    head = ['run', 'factor', 'from', *([f'criterion: TPR resolved at FPR {table.criterion_target_fpr.dropna().iloc[0]:g}; FPR; verdict'] if crit else []), *cols]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, r in table.iterrows():
-        cells = [name, f'`{r["factor"]}`' if r['factor'] else '', r['first_phase']]
+        cells = [name, f'`{r["factor"]}`' if r['factor'] else '', r['first_phase'], *([_criterion_cell(r)] if crit else [])]
         for c in cols:
             v = r[c]
             if c == 'gates_passed' and r.get('gates_not_run'): cells.append(f'{v} ({int(r["gates_not_run"])} not run)'); continue
@@ -423,24 +455,36 @@ def comparison_markdown(table:pd.DataFrame, fprs=HEADLINE_FPRS, baseline:str='ba
             ci = f' [{r[c.replace("@", "_lo@")]:.3f}, {r[c.replace("@", "_hi@")]:.3f}]' if c.startswith('tpr@') and c.replace('@', '_lo@') in r else ''
             cells.append(f'{v:.3f}{ci}' + (f' ({d:+.3f})' if d is not None and d == d else ''))
         lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines) + '\n'
+    sp = seed_spread(table)
+    return '\n'.join(lines) + '\n' + (f'\n{_spread_text(sp)}\n' if sp else '')
 
 def comparison_latex(table:pd.DataFrame, fprs=HEADLINE_FPRS, caption:str='', label:str='tab:ablation')->str:
-    "A booktabs LaTeX table (MNRAS-friendly, `\\usepackage{booktabs}`): AUROC, pAUC, TPR [interval] and N_FP/N_neg at the headline FPRs."
+    "A booktabs LaTeX table (MNRAS-friendly, `\\usepackage{booktabs}`): AUROC, pAUC, TPR [interval] and N_FP/N_neg at the headline FPRs, the criterion."
     from dhs.tables import latex_escape, latex_sci, fmt_interval
-    fprs = [f for f in fprs if f'tpr@{f:g}' in table]
+    fprs, crit = [f for f in fprs if f'tpr@{f:g}' in table], 'criterion_tpr' in table
+    c0 = table.dropna(subset=['criterion_verdict']).iloc[0] if crit else None       # the criterion's targets, from the first run that has one
+    cf = latex_sci(c0['criterion_target_fpr']) if crit else ''
     head = ['Variant', 'Factor', 'AUROC', r'pAUC$_{10^{-2}}$', *[rf'TPR at {latex_sci(f)}' for f in fprs],
-            *[rf'$N_\mathrm{{FP}}/N_\mathrm{{neg}}$ at {latex_sci(f)}' for f in fprs], 'Gates']
+            *[rf'$N_\mathrm{{FP}}/N_\mathrm{{neg}}$ at {latex_sci(f)}' for f in fprs], 'Gates',
+            *([rf'TPR$_\mathrm{{res}}$ at {cf}', 'FPR', 'Criterion'] if crit else [])]
     rows = []
     for name, r in table.iterrows():
         dagger = lambda f: '' if r[f'measurable@{f:g}'] else r'\,$^\dagger$'   # never `$$`: TeX reads it as display math
         tpr = [fmt_interval(r[f'tpr@{f:g}'], r[f'tpr_lo@{f:g}'], r[f'tpr_hi@{f:g}'], 3) + dagger(f) for f in fprs]
         counts = [f"{int(r[f'n_fp@{f:g}'])}/{int(r[f'n_neg@{f:g}'])}" for f in fprs]
         num = lambda x: f'{x:.3f}' if x is not None and x == x else '--'
+        has = crit and isinstance(r['criterion_verdict'], str)
+        res = [fmt_interval(r['criterion_tpr'], r['criterion_tpr_lo'], r['criterion_tpr_hi'], 3) if has else '--',
+               latex_sci(r['criterion_fpr']) if has else '--', r['criterion_verdict'] if has else '--'] if crit else []
         rows.append([latex_escape(name), latex_escape(r['factor']) if r['factor'] else '--', num(r['auroc']), num(r['pauc_1e_2']), *tpr, *counts,
-                     {True: 'pass', False: 'fail'}.get(r['gates_passed'], '--')])
+                     {True: 'pass', False: 'fail'}.get(r['gates_passed'], '--'), *res])
+    sp = seed_spread(table)
     caption = caption or ('Ablation: each variant changes one factor of the baseline. TPR at fixed FPR on the test split '
-                          r'(thresholds from validation) with Clopper--Pearson intervals; $^\dagger$ unmeasurable, $N_\mathrm{neg}\times\mathrm{FPR}<10$.')
+                          r'(thresholds from validation) with Clopper--Pearson intervals; $^\dagger$ unmeasurable, $N_\mathrm{neg}\times\mathrm{FPR}<10$.'
+                          + (rf" Criterion: TPR$_\mathrm{{res}}$ on resolved lenses ($\theta_\mathrm{{E}}/\mathrm{{psfsize}}_r \geq {c0['criterion_min_theta_over_psf']:g}$) "
+                             rf"and the measured FPR at the threshold of target FPR {cf}; PASS iff measurable, FPR $\leq$ target and "
+                             rf"TPR$_\mathrm{{res}} \geq {c0['criterion_target_tpr']:.2f}$." if crit else '')
+                          + (' ' + latex_escape(_spread_text(sp)) if sp else ''))
     lines = [r'\begin{table*}', r'\centering', rf'\caption{{{caption}}}', rf'\label{{{label}}}',
              rf'\begin{{tabular}}{{ll{"c" * (len(head) - 2)}}}', r'\toprule', ' & '.join(head) + r' \\', r'\midrule',
              *[' & '.join(row) + r' \\' for row in rows], r'\bottomrule', r'\end{tabular}', r'\end{table*}']
@@ -531,7 +575,7 @@ def _write_comparison(name, m, mdir, runs, chosen, planned, common, base_dir, t0
     (mdir/'comparison.tex').write_text(comparison_latex(table, caption=''))
     write_json(provenance(matrix=name, description=m.description, preset=m.preset, phases=m.phases, sets=common,
                           baseline=str(base_dir), variants={v: dict(sets=chosen[v], first_phase=planned[v][1]) for v in chosen},
-                          runs={k: str(p) for k, p in runs.items()}, seconds=round(time.time() - t0, 1), argv=sys.argv), mdir/'matrix.json')
+                          runs={k: str(p) for k, p in runs.items()}, seed_spread=seed_spread(table), seconds=round(time.time() - t0, 1), argv=sys.argv), mdir/'matrix.json')
     log(f'[dhs run] matrix {name}: {mdir}\n{md}')
     return mdir
 

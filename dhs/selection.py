@@ -20,7 +20,7 @@ from .tables import latex_escape, latex_sci, fmt_interval, latex_table
 __all__ = ['AXES', 'COMPLETENESS_AXES', 'FPR_AXES', 'SURFACES', 'Axis', 'depth5_r', 'axis_values', 'bin_index', 'binned_rate',
            'truth_classes', 'with_truth_class', 'rate_by', 'stratified_tables', 'completeness_surface', 'save_surface',
            'load_surface', 'surface_grid', 'apply_surface', 'main', 'rate_table_latex', 'tpr_table_latex',
-           'write_tables']
+           'criterion_table_latex', 'write_tables']
 
 # %% ../nbs/41_selection.ipynb
 @dataclass(frozen=True)
@@ -313,6 +313,25 @@ def tpr_table_latex(measured:pd.DataFrame, caption:str='', label:str='tab:tpr_at
     return latex_table(['target FPR', r'$N_\mathrm{neg}$', r'$N_\mathrm{FP}$', 'FPR', r'$N_\mathrm{pos}$', r'$N_\mathrm{TP}$',
                         *(['TPR (CP)', 'TPR (host bootstrap)'] if host else ['TPR'])],
                        rows, caption, label, notes=r'$^\dagger$ Unmeasurable: $N_\mathrm{neg} \times \mathrm{FPR} < 10$.')
+
+# %% ../nbs/41_selection.ipynb
+def criterion_table_latex(rows:pd.DataFrame, caption:str='', label:str='tab:criterion', digits:int=3)->str:
+    "LaTeX of `criterion_rows`: target FPR, N_FP/N_neg, FPR (CP), N_TP/N_pos of resolved lenses, TPR (CP, host bootstrap if measured), verdict."
+    host, r0 = rows.get('tpr_host_lo', pd.Series(dtype=float)).notna().any(), rows.iloc[0]
+    body = [[latex_sci(r['target_fpr']) + ('' if r['measurable'] else r'\,$^\dagger$'), f"{int(r['n_fp'])}/{int(r['n_neg'])}",
+             f"{latex_sci(r['fpr'])} [{latex_sci(r['fpr_lo'])}, {latex_sci(r['fpr_hi'])}]", f"{int(r['n_tp'])}/{int(r['n_pos'])}",
+             fmt_interval(r['tpr'], r['tpr_lo'], r['tpr_hi'], digits),
+             *([fmt_interval(r['tpr'], r['tpr_host_lo'], r['tpr_host_hi'], digits)] if host else []), r['verdict']] for _, r in rows.iterrows()]
+    pct = f"{r0['cl']:.0%}".replace('%', r'\%')
+    kinds = f"{pct} Clopper-Pearson intervals" + (f" and a bootstrap over hosts ({int(r0['n_boot_host'])} draws)" if host else '')
+    caption = caption or (rf"The success criterion, FPR $\leq$ target at TPR $\geq {r0['target_tpr']:.2f}$ on resolved lenses "
+                          rf"($\theta_\mathrm{{E}}/\mathrm{{psfsize}}_r \geq {r0['min_theta_over_psf']:g}$): thresholds fitted on all "
+                          f"{int(r0['n_neg_val'])} validation negatives, FPR measured on all test negatives, TPR on the resolved test lenses "
+                          f"({int(r0['n_pos'])} of {int(r0['n_pos_all'])}); counts and {kinds}. PASS iff measurable, FPR $\\leq$ target and "
+                          f"TPR $\\geq {r0['target_tpr']:.2f}$ (point estimates). Population: {latex_escape(r0['population'])}.")
+    return latex_table(['target FPR', r'$N_\mathrm{FP}/N_\mathrm{neg}$', f'FPR [{pct} CP]', r'$N_\mathrm{TP}/N_\mathrm{pos}$',
+                        *(['TPR (CP)', 'TPR (host bootstrap)'] if host else ['TPR']), 'verdict'], body, caption, label,
+                       notes=r'$^\dagger$ Unmeasurable: $N_\mathrm{neg} \times \mathrm{FPR} < 10$.')
 
 # %% ../nbs/41_selection.ipynb
 def write_tables(table:pd.DataFrame, out_dir, prefix:str='')->list[Path]:

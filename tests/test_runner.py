@@ -92,6 +92,10 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
     gates = s['gates']['values']
     for g in ('arc_suppressed_score', 'ring_counterfactual'):          # the score gates (tiny: too few stamps for the CV gates)
         assert gates[g]['value'] is not None, f'{g} did not run with the trained checkpoint'
+    c = s['criterion']                                                 # the success criterion: 1e-2, 1e-3, 1e-4; far too few negatives to judge
+    assert [r['target_fpr'] for r in c['rows']] == [1e-2, 1e-3, 1e-4] and c['target_fpr'] == 1e-3 and c['verdict'] == c['rows'][1]['verdict']
+    assert all(r['verdict'] == 'UNMEASURABLE' and r['measurable'] is False and r['n_neg'] == s['n_test']['neg'] for r in c['rows'])
+    assert c['rows'][1]['n_pos'] <= s['n_test']['pos'] and s['criterion_headline'].startswith('Criterion FPR <= 1e-03')
     fe = s['gates']['flux_excess']                                     # unresolved beside resolved, at the validation threshold
     assert fe['threshold_from'].startswith('validation, FPR') and {'n_unresolved', 'completeness_resolved_lo'} <= set(fe)
     swap = json.loads((run_dir/'evaluation'/'gates.json').read_text())
@@ -105,10 +109,11 @@ def test_tiny_run_leaves_the_paper_outputs(tiny_run):
     hn = json.loads((run_dir/'hardneg'/'hardneg_round.json').read_text())
     assert hn['retrain']['mode'] == 'finetune' and hn['retrain']['n_new_stamps'] > 0
     paper = run_dir/'paper'
-    for f in ('figures/fig_roc.pdf', 'figures/fig_completeness.pdf', 'figures/fig_scores.pdf', 'tables/tpr_at_fpr.tex',
+    for f in ('figures/fig_roc.pdf', 'figures/fig_completeness.pdf', 'figures/fig_scores.pdf', 'tables/tpr_at_fpr.tex', 'tables/criterion.tex',
               'tables/known_lenses.tex', 'tables/hardneg.tex', 'macros.tex', 'README.md'):
         assert (paper/f).exists(), f
     macros = (paper/'macros.tex').read_text()
+    assert '\\newcommand{\\dhsCriterionVerdict}{UNMEASURABLE}' in macros and f"\\newcommand{{\\dhsCriterionFP}}{{{c['rows'][1]['n_fp']}/{c['rows'][1]['n_neg']}}}" in macros
     assert f"\\newcommand{{\\dhsNneg}}{{{s['n_test']['neg']}}}" in macros and '$$' not in (paper/'tables'/'tpr_at_fpr.tex').read_text()
 
 
