@@ -31,6 +31,7 @@ BENCHES = {  # dhs bench <name> -> (module with main(argv), help)
     'inject': ('dhs.bench_inject', 'lensed-source rendering rate: dhs vs lenstronomy'),
     'loader': ('dhs.bench_loader', 'stamp decoding rate: fast encoding vs gzip-NPZ'),
     'train': ('dhs.bench_train', 'training images/s: full pipeline vs on-device tensors'),
+    'pipeline': ('dhs.bench_pipeline', 'pipeline phases at three sky sizes: s/1,000 tasks, scaling exponents, core-hours at 3M tasks'),
 }
 
 def available(table:dict)->dict:
