@@ -12,7 +12,7 @@ from .guard import (ArgumentParser, InvalidInput, boolean, fraction, integer, li
                        one_of, optional, positive, positive_int, power_of_two, proper_fraction, split_fractions)
 
 # %% auto 0
-__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'MOCK_LARGE', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES',
+__all__ = ['PHASES', 'PIPELINE', 'DR10_BASE_URI', 'MOCK_LARGE', 'MOCK', 'PRESETS', 'PARAM_CHECKS', 'FUSED_META', 'MATRICES',
            'HEADLINE_FPRS', 'SEED_FACTOR', 'Preset', 'parse_value', 'parse_sets', 'parameter_defaults', 'check_param',
            'check_params', 'notebook_parameters', 'resolve', 'ensure_kernel', 'run_preset', 'spark_apps',
            'top_level_names', 'Matrix', 'ablation_variants', 'substitute_baseline', 'effective_params',
@@ -52,11 +52,16 @@ MOCK_LARGE = {   # phase -> parameters of the mock-large preset (README, "The cr
     'evaluate': {'headline_fpr': 1e-3},
 }
 
+MOCK = {   # phase -> parameters of the default preset (README, "The default run")
+    'manifest': {'grid': 'realistic', 'tasks_per_host': 4, 'eval_tasks_per_host': 2},   # arcs: sources up to 0.5"; ~1k lens-like training rows
+    'evaluate': {'headline_fpr': 1e-2},
+}
+
 PRESETS = {
     'tiny': Preset('a minute or two: every phase on the smallest mock sky (used by the tests)', PIPELINE,
                    {'size': 'tiny', 'sky': 'mock', 'spark_master': 'local[2]'}, {'train': {'population': 'all'}}),   # too few lens-like rows for a batch
     'mock': Preset('the default: the whole pipeline on the built-in mock sky, CPU, minutes', PIPELINE,
-                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}, {'manifest': {'tasks_per_host': 2}, 'evaluate': {'headline_fpr': 1e-2}}),
+                   {'size': 'mock', 'sky': 'mock', 'check_spark': True}, MOCK),
     'mock-large': Preset('the seed\'s criterion measured: ~50k LRG hosts, each val/test host one distinct negative (census), CPU', PIPELINE,
                          {'size': 'large', 'sky': 'mock', 'check_spark': True}, MOCK_LARGE),
     'mock-gpu': Preset('the mock sky with GPU training (bf16, batch 512, AdamW lr 3e-4, wd 0.01)', PIPELINE,
