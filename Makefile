@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash tools/check_nbdev.sh
 	$(BIN)/nbdev_test --n_workers 2 --skip_folder_re '^(runs|[_.].*)$$' --skip_file_re '^_'
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 export: $(STAMP)
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean

@@ -43,3 +43,11 @@ def tiny_run(tmp_path_factory):
     proc = subprocess.run([str(Path(sys.executable).parent/'dhs'), 'run', '--preset', 'tiny', '--outputs', str(out), '--run-id', 'r1'],
                           capture_output=True, text=True, timeout=600)
     return proc, out/'r1'
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) each test file runs in one worker, so its module
+    fixtures are built once, and every test of the `tiny_run` fixture runs in one worker, so the tiny run happens once."""
+    for item in items:
+        group = 'tiny_run' if 'tiny_run' in getattr(item, 'fixturenames', ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
