@@ -12,8 +12,8 @@ from .runner import PIPELINE, PRESETS, resolve, run_preset
 
 # %% auto 0
 __all__ = ['TARGET_TASKS', 'CORES', 'SUPERLINEAR', 'PRESET', 'TINY_BRICKS', 'DEFAULT_BRICKS', 'brick_counts', 'bench_phases',
-           'size_sets', 'per_thousand', 'scaling_exponent', 'core_hours', 'scaling_rows', 'table_notes', 'format_table',
-           'phase_seconds', 'count_tasks', 'measure_size', 'bench_pipeline', 'main']
+           'size_sets', 'per_thousand', 'scaling_exponent', 'core_hours', 'marginal_core_hours', 'scaling_rows',
+           'table_notes', 'format_table', 'phase_seconds', 'count_tasks', 'measure_size', 'bench_pipeline', 'main']
 
 # %% ../nbs/17_bench_pipeline.ipynb
 TARGET_TASKS = 3_000_000   # injection tasks of the seed's manifest (seed/000_*.txt, phase 4a: "~3M tasks")
@@ -47,6 +47,12 @@ def core_hours(seconds:float, n_tasks:int, target_tasks:int=TARGET_TASKS, cores:
     "Core-hours of `target_tasks` tasks, linearly extrapolated from `seconds` of wall time for `n_tasks` tasks on `cores` cores."
     return seconds / n_tasks * target_tasks * cores / 3600
 
+def marginal_core_hours(n_small:int, t_small:float, n_large:int, t_large:float, target_tasks:int=TARGET_TASKS, cores:int=CORES)->float|None:
+    "Core-hours of `target_tasks` tasks from the cost per added task, (t_large - t_small) / (n_large - n_small) (>= 0), plus the fixed cost left over at the large size."
+    if n_small == n_large: return None
+    per_task = max(t_large - t_small, 0.0) / (n_large - n_small)
+    return (t_large - per_task * n_large + per_task * target_tasks) * cores / 3600
+
 # %% ../nbs/17_bench_pipeline.ipynb
 def scaling_rows(sizes:list, phases:list, target_tasks:int=TARGET_TASKS, cores:int=CORES, superlinear:float=SUPERLINEAR)->list:
     "Per phase and for the total: seconds and s/1,000 tasks at each size, exponent smallest -> largest, its flag, core-hours at `target_tasks`."
@@ -56,7 +62,8 @@ def scaling_rows(sizes:list, phases:list, target_tasks:int=TARGET_TASKS, cores:i
         t = [sum(z['seconds'][p] for p in phases) if ph == 'total' else z['seconds'][ph] for z in sizes]
         b = scaling_exponent(small['n_tasks'], t[0], large['n_tasks'], t[-1])
         rows.append(dict(phase=ph, seconds=t, per_1000=[per_thousand(x, z['n_tasks']) for x, z in zip(t, sizes)], exponent=b,
-                         superlinear=b is not None and b > superlinear, core_hours=core_hours(t[-1], large['n_tasks'], target_tasks, cores)))
+                         superlinear=b is not None and b > superlinear, core_hours=core_hours(t[-1], large['n_tasks'], target_tasks, cores),
+                         core_hours_marginal=marginal_core_hours(small['n_tasks'], t[0], large['n_tasks'], t[-1], target_tasks, cores)))
     return rows
 
 # %% ../nbs/17_bench_pipeline.ipynb
@@ -69,6 +76,8 @@ def table_notes(res:dict)->list:
             f"core-h: a linear extrapolation from the measured largest size ({large['n_tasks']:,} tasks, {large['bricks']} bricks) to "
             f"{res['target_tasks']:,} tasks, using {res['cores']} cores (wall seconds x {res['cores']}); a phase with a fixed cost "
             "(exponent < 1) costs less than this, a super-linear one more",
+            "core-h marginal: the same from the cost per added task between the smallest and largest size, plus the fixed cost once "
+            "(start-up: Spark, kernels); the better estimate where fixed costs dominate, still low for a super-linear phase",
             "mocksky renders the mock sky; a DR10 run reads the survey instead (its cache phase downloads the coadds)"]
 
 def format_table(res:dict)->str:
@@ -78,10 +87,11 @@ def format_table(res:dict)->str:
     exp = lambda r: '--' if r['exponent'] is None else f"{r['exponent']:.2f}" + ('*' if r['superlinear'] else ' ')
     lines = [f"dhs bench pipeline: preset {res['preset']}, phases {res['phases'][0]}..{res['phases'][-1]}, {res['cores']} cores, "
              f"{res['seconds']:.0f} s in all", cols('bricks', [z['bricks'] for z in sizes]), cols('tasks', [f"{z['n_tasks']:,}" for z in sizes]),
-             cols('phase', ['s/1k tasks'] * len(sizes)) + f"{'exponent':>10}  core-h @ {res['target_tasks']:,} tasks"]
+             cols('phase', ['s/1k tasks'] * len(sizes)) + f"{'exponent':>10}  core-h @ {res['target_tasks']:,} tasks  (marginal)"]
     for r in res['rows']:
         if r['phase'] == 'total': lines.append('-' * len(lines[-1]))
-        lines.append(cols(r['phase'], [f'{x:.1f}' for x in r['per_1000']]) + f"{exp(r):>11} {r['core_hours']:>10,.1f}")
+        lines.append(cols(r['phase'], [f'{x:.1f}' for x in r['per_1000']]) + f"{exp(r):>11} {r['core_hours']:>10,.1f}"
+                     + ('' if r['core_hours_marginal'] is None else f"{r['core_hours_marginal']:>23,.1f}"))
     return '\n'.join(lines + [''] + [f'  {n}' for n in res['notes']])
 
 # %% ../nbs/17_bench_pipeline.ipynb
