@@ -49,7 +49,10 @@ def example(tmp_path):
     srv.shutdown()
 
 
-def _key(d, keys): ActionChains(d).send_keys(keys).perform()
+def _key(d, keys):
+    "Press `keys` once the page's script has bound its keys (a key sent before that is lost, as a user's would be)."
+    WebDriverWait(d, 20).until(lambda d: d.execute_script('return document.body.dataset.ready') == '1', f'no key handler on {d.current_url}')
+    ActionChains(d).send_keys(keys).perform()
 
 def _at(d, suffix:str):
     "Wait (up to 20 s, as a browser does) until the page's URL ends with `suffix`."

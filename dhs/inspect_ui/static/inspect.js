@@ -34,4 +34,5 @@
   }));
   // notes edited after grading: saved as a new version of the same grade
   if (notes) notes.addEventListener('change', () => { if (d.grade) grade(d.grade); });
+  d.ready = '1';   // the keys are bound (a test or a script driving the page waits for this)
 })();
