@@ -21,7 +21,7 @@ CORES = 2                  # cores the tiny preset keeps busy: Spark local[2], t
 SUPERLINEAR = 1.15         # a scaling exponent above this is flagged super-linear
 PRESET = 'tiny'            # the preset timed, its sky resized through mocksky.n_bricks
 TINY_BRICKS = MOCK_SIZES[PRESETS[PRESET].params['size']]['n_bricks']
-DEFAULT_BRICKS = [1 * TINY_BRICKS, 3 * TINY_BRICKS, 8 * TINY_BRICKS]   # about 13 minutes on two quiet cores
+DEFAULT_BRICKS = [1 * TINY_BRICKS, 3 * TINY_BRICKS, 8 * TINY_BRICKS]   # an estimated 13 minutes on two quiet cores (from 12 and 24 bricks)
 
 def bench_phases(through:str='evaluate')->list:
     "The phases timed: the mock sky through `through` (a phase of `dhs.runner.PIPELINE` from the manifest on)."
@@ -144,7 +144,7 @@ def main(argv:list|None=None)->int:
     "`dhs bench pipeline [--json]`: the pipeline's phases at several sky sizes, s/1,000 tasks, scaling exponents, core-hours at 3M tasks."
     ap = ArgumentParser(prog='dhs bench pipeline', description='Time the pipeline\'s phases (the tiny preset, its mock sky resized) at several '
                         'sizes: seconds per 1,000 injection tasks, the log-log scaling exponent of each phase, and a linear extrapolation '
-                        f'to {TARGET_TASKS:,} tasks in core-hours. The default sizes take about 13 minutes on two quiet cores.')
+                        f'to {TARGET_TASKS:,} tasks in core-hours. The default sizes take an estimated 13 minutes on two quiet cores.')
     ap.add_argument('--sizes', type=brick_counts, default=DEFAULT_BRICKS, metavar='N,N[,...]',
                     help=f'mock-sky brick counts (default {",".join(map(str, DEFAULT_BRICKS))}: 1x, 3x, 8x the tiny sky; '
                     'below 24 the test split may be too small to evaluate: add --through train)')
